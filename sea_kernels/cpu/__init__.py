@@ -1,0 +1,1 @@
+"""The cpu backend: C++ kernels from csrc/ compiled on first use, with a chunked PyTorch fallback."""

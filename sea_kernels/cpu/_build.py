@@ -1,0 +1,66 @@
+"""Compile the C++ kernels of ``csrc/`` on first use and cache them.
+
+``load_extension(name)`` builds ``csrc/<name>.cpp`` with ``torch.utils.cpp_extension.load``
+(OpenMP, -O3) into a cache folder keyed by the source, torch version and machine, and returns the
+module, or ``None`` when it cannot be built (no compiler, no ninja, ``SEA_NO_CPP=1``). A ``None``
+is announced once per extension; callers then use their chunked PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SEA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sea"
+    )
+    return Path(base) / "extensions"
+
+
+@lru_cache(maxsize=None)
+def load_extension(name: str):
+    if os.environ.get("SEA_NO_CPP", "0") not in ("", "0"):
+        _announce(name, "SEA_NO_CPP is set")
+        return None
+    source = resources.files("sea_kernels.csrc").joinpath(f"{name}.cpp")
+    code = source.read_bytes()
+    key = hashlib.sha256(
+        code + torch.__version__.encode() + platform.machine().encode() + platform.python_version().encode()
+    ).hexdigest()[:16]
+    build_dir = cache_root() / f"{name}_{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    src_path = build_dir / f"{name}.cpp"
+    if not src_path.exists() or src_path.read_bytes() != code:
+        src_path.write_bytes(code)
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name=f"sea_{name}_{key}",
+            sources=[str(src_path)],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", "-fopenmp", "-march=native"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, or a build error: fall back, loudly once
+        _announce(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+        return None
+
+
+def _announce(name: str, why: str) -> None:
+    warnings.warn(
+        f"sea_kernels: the C++ '{name}' kernels are not available ({why}); "
+        "the cpu backend uses its chunked PyTorch path (same results, slower).",
+        RuntimeWarning,
+        stacklevel=3,
+    )

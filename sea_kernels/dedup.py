@@ -1,0 +1,79 @@
+"""Label bookkeeping between labeling and the loss: batch-level deduplication and Eq. 8 embeddings."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch as D
+
+
+def dedup_labels(labels, *, valid=None, priority=None, generator=None) -> torch.Tensor:
+    """Keep exactly one entry per distinct label among the valid entries.
+
+    ``labels`` int64 ``(N,)``; ``valid`` bool ``(N,)`` (all valid when ``None``); ``priority``
+    float ``(N,)``, drawn uniformly from ``generator`` when ``None``. Of the valid entries sharing
+    a label, the one with the smallest priority is kept (ties go to the smaller index).
+    Returns a bool mask ``(N,)``; invalid entries are never kept.
+    """
+    D.check_int_tensor("labels", labels, 1)
+    n = labels.shape[0]
+    if valid is None:
+        valid = torch.ones(n, dtype=torch.bool, device=labels.device)
+    elif not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor or None; got {getattr(valid, 'dtype', type(valid).__name__)}")
+    elif tuple(valid.shape) != (n,):
+        raise ValueError(f"valid must have the shape of labels, ({n},); got {tuple(valid.shape)}")
+    if priority is None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+        priority = torch.rand(n, generator=generator, device=labels.device)
+    else:
+        D.check_tensor("priority", priority, ndim=1)
+        if priority.shape[0] != n:
+            raise ValueError(f"priority must have the shape of labels, ({n},); got {tuple(priority.shape)}")
+        D.check_finite("priority", priority)
+    D.check_same_device(labels=labels, valid=valid, priority=priority)
+
+    # Stable sorts: by priority (ties keep index order), then by label (keeps priority order).
+    order = torch.argsort(priority, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]
+    order = order[valid[order]]
+    sorted_labels = labels[order]
+    first = torch.ones_like(sorted_labels, dtype=torch.bool)
+    first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    keep = torch.zeros(n, dtype=torch.bool, device=labels.device)
+    keep[order[first]] = True
+    return keep
+
+
+def word_embeddings(labels, token_ids, weight, *, pad_id=-1) -> torch.Tensor:
+    """Eq. 8: each label's embedding is the mean of the LLM input-embedding rows of its tokens.
+
+    ``labels`` int64 ``(N,)`` in ``[0, q)``; ``token_ids`` int64 ``(q, L)`` padded with ``pad_id``,
+    at least one token per word; ``weight`` ``(V, D)``. Returns ``(N, D)`` in ``weight``'s dtype
+    (accumulated in float32), differentiable with respect to ``weight``.
+    """
+    D.check_int_tensor("labels", labels, 1)
+    D.check_int_tensor("token_ids", token_ids, 2)
+    D.check_tensor("weight", weight, ndim=2)
+    D.check_same_device(labels=labels, token_ids=token_ids, weight=weight)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise TypeError(f"pad_id must be an int; got {type(pad_id).__name__}")
+    q, vocab_size = token_ids.shape[0], weight.shape[0]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= q):
+        raise ValueError(f"labels must lie in [0, q) = [0, {q}); got values in [{int(labels.min())}, {int(labels.max())}]")
+    ids = token_ids[labels]  # (N, L)
+    present = ids != pad_id
+    if ids.numel() and not bool(present.any(-1).all()):
+        raise ValueError(f"token_ids: every word must have at least one token that is not pad_id = {pad_id}")
+    if bool(present.any()):
+        used = ids[present]
+        if int(used.min()) < 0 or int(used.max()) >= vocab_size:
+            raise ValueError(
+                f"token_ids must lie in [0, V) = [0, {vocab_size}) except for pad_id; "
+                f"got values in [{int(used.min())}, {int(used.max())}]"
+            )
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    rows = weight[torch.where(present, ids, torch.zeros_like(ids))].to(acc)  # (N, L, D)
+    total = (rows * present[..., None]).sum(1)
+    return (total / present.sum(1, keepdim=True).clamp(min=1)).to(weight.dtype)
