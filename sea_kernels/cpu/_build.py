@@ -31,8 +31,7 @@ def load_extension(name: str):
     if os.environ.get("SEA_NO_CPP", "0") not in ("", "0"):
         _announce(name, "SEA_NO_CPP is set")
         return None
-    source = resources.files("sea_kernels.csrc").joinpath(f"{name}.cpp")
-    code = source.read_bytes()
+    code = _source(name)
     key = hashlib.sha256(
         code + torch.__version__.encode() + platform.machine().encode() + platform.python_version().encode()
     ).hexdigest()[:16]
@@ -55,6 +54,14 @@ def load_extension(name: str):
     except Exception as exc:  # no compiler, no ninja, or a build error: fall back, loudly once
         _announce(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
         return None
+
+
+def _source(name: str) -> bytes:
+    """The C++ source: from the checkout's csrc/ when running from source, else from the installed package."""
+    checkout = Path(__file__).resolve().parents[2] / "csrc" / f"{name}.cpp"
+    if checkout.is_file():
+        return checkout.read_bytes()
+    return resources.files("sea_kernels.csrc").joinpath(f"{name}.cpp").read_bytes()
 
 
 def _announce(name: str, why: str) -> None:
