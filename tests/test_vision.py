@@ -1,0 +1,147 @@
+"""The vision tower: both outputs of one forward against open_clip's own computation."""
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+from sea_model import tiny  # noqa: E402
+from sea_model.vision import VisionConfig, VisionTower, expand2square, load_clip  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_clip(tiny.tiny_vision_config())
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def block_outputs(visual, x):
+    """Every block's output (and ln_pre's) recorded by forward hooks during open_clip's own encode."""
+    seen = {}
+    hooks = [visual.ln_pre.register_forward_hook(lambda m, i, o: seen.__setitem__(0, o))]
+    for k, blk in enumerate(visual.transformer.resblocks):
+        hooks.append(blk.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k + 1, o)))
+    with torch.no_grad():
+        visual(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_shapes_and_grid(clip, images):
+    tower = VisionTower.from_clip(clip)
+    out = tower(images)
+    assert tower.grid == (4, 4) and tower.num_patches == 16 and out.grid == (4, 4)
+    assert out.hidden.shape == (2, 16, 32)  # width 32, CLS dropped
+    assert out.patch_features.shape == (2, 16, 16)  # embed_dim 16
+    assert out.pooled.shape == (2, 16)
+    assert tower.hidden_size == 32 and tower.feature_dim == 16
+
+
+@pytest.mark.parametrize("select_layer, block", [(-2, 2), (-1, 3), (1, 1), (0, 0), (-4, 0)])
+def test_hidden_is_the_selected_layer_without_cls(clip, images, select_layer, block):
+    # 3 blocks: HF indexing [embeddings, block1, block2, block3]; -2 -> block 2.
+    tower = VisionTower(clip.model.visual, clip.preprocess_cfg, select_layer=select_layer)
+    expected = block_outputs(clip.model.visual, images)[block][:, 1:]
+    torch.testing.assert_close(tower(images).hidden, expected)
+
+
+def test_patch_features_are_last_layer_ln_post_proj(clip, images):
+    v = clip.model.visual
+    last = block_outputs(v, images)[len(v.transformer.resblocks)]
+    with torch.no_grad():
+        expected = v.ln_post(last[:, 1:]) @ v.proj
+    torch.testing.assert_close(VisionTower.from_clip(clip)(images).patch_features, expected)
+
+
+def test_pooled_equals_encode_image(clip, images):
+    out = VisionTower.from_clip(clip)(images)
+    with torch.no_grad():
+        torch.testing.assert_close(out.pooled, clip.model.encode_image(images))
+        # and the patch features apply the same map the CLS token gets
+        v = clip.model.visual
+        last = block_outputs(v, images)[len(v.transformer.resblocks)]
+        torch.testing.assert_close(out.pooled, v.ln_post(last[:, 0]) @ v.proj)
+
+
+def test_select_layer_out_of_range_is_an_error(clip):
+    with pytest.raises(ValueError, match="select_layer"):
+        VisionTower(clip.model.visual, clip.preprocess_cfg, select_layer=-5)
+
+
+def test_wrong_pixel_shape_is_an_error(clip):
+    with pytest.raises(ValueError, match="pixel_values"):
+        VisionTower.from_clip(clip)(torch.zeros(1, 3, 64, 64))
+
+
+def test_tower_is_frozen_and_stays_in_eval(clip):
+    tower = VisionTower.from_clip(clip)
+    tower.train()
+    assert not tower.training and not any(p.requires_grad for p in tower.parameters())
+
+
+def test_siglip_style_timm_tower():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    clip = load_clip(VisionConfig(name="tiny-siglip", pretrained=None, model_cfg=tiny.tiny_siglip_config()))
+    tower = VisionTower.from_clip(clip)
+    x = torch.randn(2, 3, 32, 32)
+    out = tower(x)
+    assert out.hidden.shape == (2, 16, 32) and out.patch_features.shape == (2, 16, 32) and out.grid == (4, 4)
+    trunk = clip.model.visual.trunk
+    with torch.no_grad():
+        torch.testing.assert_close(out.pooled, clip.model.encode_image(x))
+        # hidden: output of block -2 (the first of two); patch features: the MAP head's value path
+        # of each final-norm token, written out from the head's weights.
+        _, inter = trunk.forward_intermediates(x, indices=[0], output_fmt="NLC")
+        torch.testing.assert_close(out.hidden, inter[0])
+        final = trunk.forward_features(x)
+        pool = trunk.attn_pool
+        C = final.shape[-1]
+        value = final @ pool.kv.weight[C:].T + pool.kv.bias[C:]
+        y = pool.proj(value)
+        y = y + pool.mlp(pool.norm(y))
+        torch.testing.assert_close(out.patch_features, y, rtol=1e-4, atol=1e-5)
+
+
+def _stripes(width, height):
+    """White leftmost quarter, black elsewhere."""
+    from PIL import Image
+
+    im = Image.new("RGB", (width, height), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, width // 4, height))
+    return im
+
+
+def test_preprocessing_modes(clip):
+    tower = VisionTower.from_clip(clip)
+    wide = _stripes(64, 32)
+    mean = torch.tensor(clip.preprocess_cfg["mean"]).view(3, 1)
+    std = torch.tensor(clip.preprocess_cfg["std"]).view(3, 1)
+    white = (1 - mean) / std
+
+    tower.image_aspect_ratio = "square"  # squash: the white edge survives at full height
+    sq = tower.image_processor()(wide)
+    assert sq.shape == (3, 32, 32)
+    torch.testing.assert_close(sq[:, :, 0], white.expand(3, 32), atol=0.05, rtol=0)
+
+    tower.image_aspect_ratio = "crop"  # centre crop of the short side: the white edge is cut off
+    assert tower.image_processor()(wide)[:, :, 0].mean(0).max() < 0  # black: (0 - mean) / std < 0
+
+    tower.image_aspect_ratio = "pad"  # mean-colour bands above and below: normalised ~ 0
+    padded = tower.image_processor()(wide)
+    assert padded[:, 0, :].abs().max() < 0.02 and padded[:, -1, :].abs().max() < 0.02
+    torch.testing.assert_close(padded[:, 16, 0], white[:, 0], atol=0.05, rtol=0)
+
+
+def test_expand2square_centres_the_image():
+    from PIL import Image
+
+    im = expand2square(Image.new("RGB", (40, 20), (255, 0, 0)), (1, 2, 3))
+    assert im.size == (40, 40)
+    assert im.getpixel((0, 0)) == (1, 2, 3) and im.getpixel((20, 20)) == (255, 0, 0) and im.getpixel((20, 35)) == (1, 2, 3)
