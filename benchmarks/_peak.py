@@ -1,9 +1,10 @@
 """Extra peak memory of one call, measured where it is honest.
 
 CPU: a fresh subprocess builds the inputs (the case function also does its imports and loads any
-compiled extension, e.g. by running the op once on a tiny input), reads ``ru_maxrss``, runs the call
-once and reads ``ru_maxrss`` again: the difference is the call's extra peak resident memory.
-``ru_maxrss`` only grows, hence one process per measurement and no full-size warm-up.
+compiled extension, e.g. by running the op once on a tiny input), resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``), runs the call once and reads ``VmHWM - VmRSS(before)`` from
+``/proc/self/status``: the call's extra peak resident memory. (``ru_maxrss`` would not do: it carries
+the parent's peak across fork + exec.)
 
 CUDA: ``torch.cuda.max_memory_allocated`` around the call, after a warm-up.
 
@@ -19,15 +20,22 @@ import subprocess
 import sys
 
 _CHILD = r"""
-import importlib, json, resource, sys
+import gc, importlib, json, sys
 import torch
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
 spec = json.loads(sys.argv[1])
 mod, name = spec["case"].split(":")
 fn, inputs = getattr(importlib.import_module(mod), name)(**spec["kwargs"])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current RSS
+before = status_kib("VmRSS")
 fn(*inputs)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_peak_bytes": (after - before) * 1024}))
+print(json.dumps({"extra_peak_bytes": max(0, status_kib("VmHWM") - before) * 1024}))
 """
 
 

@@ -197,5 +197,5 @@ def test_label_cdf_boundaries():
     u1 = torch.tensor([0.0, 0.2499, 0.25, 0.7501, 0.9999999])
     u = torch.stack([torch.zeros(5), u1], -1).reshape(5, 1, 2)
     out = patch_labels(patches, vocab, uniforms=u, grid=(1, 1), top_n=4, backend="reference")
-    ranks = [cosine_topk(patches[0, 0], vocab, 4).indices.tolist().index(lab) for lab in out.label[:, 0].tolist()]
+    ranks = [cosine_topk(patches[0, 0], vocab, 4, backend="reference").indices.tolist().index(lab) for lab in out.label[:, 0].tolist()]
     assert ranks == [0, 0, 1, 3, 3]

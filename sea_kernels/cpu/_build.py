@@ -34,6 +34,7 @@ def load_extension(name: str):
     code = _source(name)
     key = hashlib.sha256(
         code + torch.__version__.encode() + platform.machine().encode() + platform.python_version().encode()
+        + _cpu_flags().encode()  # built with -march=native: one build per instruction set
     ).hexdigest()[:16]
     build_dir = cache_root() / f"{name}_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,14 @@ def load_extension(name: str):
     except Exception as exc:  # no compiler, no ninja, or a build error: fall back, loudly once
         _announce(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
         return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
 
 
 def _source(name: str) -> bytes:

@@ -1,0 +1,307 @@
+"""The cpu backend of cosine_topk / patch_labels (C++ extension and chunked PyTorch fallback) vs the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sea_kernels.labels as labels
+from sea_kernels import _dispatch as D
+from sea_kernels.cpu import labels as cpu_labels
+from tests._checks import assert_as_accurate_as_reference
+
+TOL = 1e-5  # near-tie / CDF-boundary slack on cosine scores (the paths differ by a few float32 ulps)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _have_cpp() -> bool:
+    return cpu_labels._extension() is not None
+
+
+PATHS = [
+    pytest.param("cpp", id="cpp"),
+    pytest.param("fallback", id="fallback"),
+]
+
+
+def _use_cpp(path: str) -> bool:
+    if path == "cpp":
+        if not _have_cpp():
+            pytest.skip("the C++ labels extension cannot be built here")
+        return True
+    return False
+
+
+def truth_scores(patches: torch.Tensor, vocab: torch.Tensor, negate: bool) -> torch.Tensor:
+    s = F.normalize(patches.double().reshape(-1, patches.shape[-1]), dim=-1) @ F.normalize(vocab.double(), dim=-1).T
+    return -s if negate else s
+
+
+def check_topk(fast, ref, patches, vocab, k, negate, tol=TOL):
+    m = patches.reshape(-1, patches.shape[-1]).shape[0]
+    assert fast.values.dtype == torch.float32 and fast.indices.dtype == torch.int64
+    assert tuple(fast.values.shape) == tuple(fast.indices.shape) == (m, k)
+    s = truth_scores(patches, vocab, negate)
+    truth = s.topk(k, dim=-1).values
+    assert_as_accurate_as_reference(fast.values, ref.values, truth, what="values")
+    assert (fast.values[:, :-1] >= fast.values[:, 1:]).all(), "values are not sorted descending"
+    # every value is the score of its own index, and no index repeats within a row
+    assert (s.gather(1, fast.indices) - fast.values.double()).abs().max() <= tol, "values do not match their indices"
+    if k > 1:
+        assert (fast.indices.sort(dim=1).values.diff(dim=1) > 0).all(), "repeated index in a row"
+    # indices equal to the reference's except at near ties
+    differ = fast.indices != ref.indices
+    gap = (s.gather(1, fast.indices) - s.gather(1, ref.indices)).abs()
+    assert (gap[differ] <= tol).all(), f"index differs from the reference by a score gap of {gap[differ].max():.3g}"
+    assert differ.double().mean() <= 0.05, "too many index mismatches to be near ties"
+
+
+def make_inputs(m, q, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.randn(m, d, generator=g).to(dtype)
+    vocab = torch.randn(q, d, generator=g).to(dtype)
+    return patches, vocab
+
+
+# ----------------------------------------------------------------------------- cosine_topk
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("k", [1, 16])
+@pytest.mark.parametrize("tile", [None, 64], ids=["tile=default", "tile=64"])
+def test_cosine_topk_matches_reference(path, dtype, negate, k, tile):
+    use_cpp = _use_cpp(path)
+    # q = 300: smaller than one default tile, not a multiple of 64 or of the 16-wide vector step; d = 40 likewise
+    patches, vocab = make_inputs(37, 300, 40, dtype, seed=k + 10 * negate)
+    fast = cpu_labels.cosine_topk_impl(patches, vocab, k, negate, tile=tile, use_cpp=use_cpp)
+    ref = labels.cosine_topk_reference(patches, vocab, k, negate)
+    check_topk(fast, ref, patches, vocab, k, negate)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "m,q,d,k",
+    [
+        (3, 300, 40, 5),  # fewer rows than threads x 64: the vocabulary is split between threads and merged
+        (20, 5, 3, 5),  # k = q, q below one vector step, d below one vector step
+        (9, 400, 24, 400),  # k = q: everything sorted
+        (9, 700, 24, 150),  # large k: many candidate-buffer compactions
+        (1, 50, 8, 7),  # a single row
+    ],
+)
+def test_cosine_topk_shapes(path, m, q, d, k):
+    use_cpp = _use_cpp(path)
+    patches, vocab = make_inputs(m, q, d, torch.float32, seed=m * q + k)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the vocabulary split/merge of the C++ path needs more than one thread
+    try:
+        fast = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=32, use_cpp=use_cpp)
+    finally:
+        torch.set_num_threads(threads)
+    ref = labels.cosine_topk_reference(patches, vocab, k, False)
+    check_topk(fast, ref, patches, vocab, k, False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cosine_topk_noncontiguous_and_mixed_dtypes(path):
+    use_cpp = _use_cpp(path)
+    g = torch.Generator().manual_seed(3)
+    patches = torch.randn(40, 33, generator=g).T  # (33, 40) non-contiguous
+    vocab = torch.randn(40, 250, generator=g).T  # (250, 40) non-contiguous
+    for p, v in [(patches, vocab), (patches, vocab.to(torch.bfloat16)), (patches.half(), vocab.double())]:
+        fast = cpu_labels.cosine_topk_impl(p, v, 8, True, tile=64, use_cpp=use_cpp)
+        ref = labels.cosine_topk_reference(p, v, 8, True)
+        check_topk(fast, ref, p, v, 8, True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_tiling_does_not_change_results(path):
+    """Vocabulary tiles of any size (and the thread split) give bit-identical results: the merge is right."""
+    use_cpp = _use_cpp(path)
+    patches, vocab = make_inputs(70, 1000, 48, torch.float32, seed=7)
+    for k in (1, 10, 64):
+        base = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=1024, row_block=16, use_cpp=use_cpp)
+        # (a 1-column last tile would make MKL use gemv, rounding differently: 1000 % tile != 1 here)
+        for tile in (16, 48, 100, 334, 4096):
+            got = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=tile, row_block=16, use_cpp=use_cpp)
+            assert torch.equal(got.indices, base.indices), (k, tile)
+            assert torch.equal(got.values, base.values), (k, tile)
+        # other row blocks change the matmul shape, hence rounding: equal up to near ties
+        ref = labels.cosine_topk_reference(patches, vocab, k, False)
+        for row_block in (1, 7, None):
+            got = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=48, row_block=row_block, use_cpp=use_cpp)
+            check_topk(got, ref, patches, vocab, k, False)
+
+
+def test_exact_ties_prefer_the_smaller_index():
+    """All scores exactly 0: the C++ path returns indices 0..k-1 (torch.topk's CPU tie order is unspecified)."""
+    _use_cpp("cpp")
+    g = torch.Generator().manual_seed(5)
+    vocab = torch.randn(300, 16, generator=g)
+    vocab[:, 0] = 0.0
+    patches = torch.zeros(4, 16)
+    patches[:, 0] = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    for negate in (False, True):
+        for k in (1, 7, 40):
+            got = cpu_labels.cosine_topk_impl(patches, vocab, k, negate, tile=64, use_cpp=True)
+            assert torch.equal(got.indices, torch.arange(k).expand(4, k)), (negate, k)
+            assert (got.values == 0).all()
+    # and the fallback still returns k distinct zero-score indices
+    got = cpu_labels.cosine_topk_impl(patches, vocab, 40, False, tile=64, use_cpp=False)
+    assert (got.values == 0).all() and (got.indices.sort(1).values.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_scores_rank_first_like_torch_topk(path):
+    """validate=False with NaN input: NaN scores come first (torch.topk's order), nothing crashes."""
+    use_cpp = _use_cpp(path)
+    patches, vocab = make_inputs(20, 200, 24, torch.float32, seed=9)
+    vocab[37, 3] = float("nan")  # column 37 is NaN for every patch
+    patches[4, 0] = float("nan")  # row 4 is NaN everywhere
+    for k in (1, 6):
+        got = cpu_labels.cosine_topk_impl(patches, vocab, k, True, tile=64, use_cpp=use_cpp)
+        ref = labels.cosine_topk_reference(patches, vocab, k, True)
+        rows = torch.arange(20) != 4
+        assert (got.indices[rows, 0] == 37).all() and got.values[rows, 0].isnan().all()
+        assert torch.equal(got.indices[rows, 1:], ref.indices[rows, 1:])
+        assert got.values[4].isnan().all() and got.indices[4].unique().numel() == k
+        assert ((got.indices >= 0) & (got.indices < 200)).all()
+
+
+# ----------------------------------------------------------------------------- patch_labels
+
+
+def labels_inputs(batch, grid, q, d, dtype, negate, seed):
+    """Random patches with some ineligible ones (no positive score), including a whole window."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    vocab = torch.randn(q, d, generator=g)
+    vocab[:, 0] = vocab[:, 0].abs() + 0.5  # every vocabulary vector has a positive first coordinate
+    patches = torch.randn(batch, h * w, d, generator=g)
+    dead = torch.zeros(d)
+    dead[0] = 1.0 if negate else -1.0  # every score of a dead patch is < 0 (cos < 0, or -cos < 0 when negated)
+    patches[0, [0, 1, w, w + 1]] = dead  # the first 2x2 window of image 0: no eligible patch
+    patches[:, torch.randperm(h * w, generator=g)[: h * w // 3]] = dead * 2.0
+    u = torch.rand(batch, labels.num_windows(grid, 2), 2, generator=g)
+    return patches.to(dtype), vocab.to(dtype), u
+
+
+def check_labels(fast, ref, patches, vocab, grid, top_n, negate, u, use_cpp):
+    assert [t.dtype for t in fast] == [torch.int64, torch.int64, torch.float32, torch.bool]
+    assert all(tuple(a.shape) == tuple(b.shape) for a, b in zip(fast, ref))
+    assert torch.equal(fast.valid, ref.valid)
+    assert torch.equal(fast.patch, ref.patch)
+    invalid = ~fast.valid
+    assert (fast.label[invalid] == -1).all() and (fast.score[invalid] == 0).all()
+    same = fast.label == ref.label
+    if not same.all():
+        # explained only by a CDF boundary within rounding or a near tie among the candidates
+        b, p = patches.shape[:2]
+        ours = cpu_labels.cosine_topk_impl(patches.reshape(b * p, -1), vocab, top_n, negate, use_cpp=use_cpp)
+        theirs = labels.cosine_topk_reference(patches.reshape(b * p, -1), vocab, top_n, negate)
+        for bi, wi in (~same).nonzero().tolist():
+            row = bi * p + ref.patch[bi, wi].item()
+            s = theirs.values[row].double().clamp(min=0)
+            cdf = s.cumsum(0) / s.sum()
+            near_boundary = (cdf - u[bi, wi, 1].double()).abs().min() <= TOL
+            near_tie = not torch.equal(ours.indices[row], theirs.indices[row])
+            assert near_boundary or near_tie, f"label differs at batch {bi}, window {wi}"
+    assert same.double().mean() >= 0.9
+    # the score is the cosine of the chosen (patch, label), as accurate as the reference's
+    valid = fast.valid
+    s = truth_scores(patches, vocab, negate).view(patches.shape[0], patches.shape[1], -1)
+    bidx = torch.arange(patches.shape[0])[:, None].expand_as(fast.patch)
+    truth = s[bidx[valid], fast.patch[valid], fast.label[valid]]
+    assert (fast.score[valid].double() - truth).abs().max() <= TOL
+    assert (fast.score[valid] > 0).all()
+    truth_ref = s[bidx[valid & same], ref.patch[valid & same], ref.label[valid & same]]
+    assert_as_accurate_as_reference(fast.score[valid & same], ref.score[valid & same], truth_ref, what="score")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("top_n", [1, 16])
+def test_patch_labels_matches_reference(path, dtype, negate, top_n):
+    use_cpp = _use_cpp(path)
+    grid = (5, 7)  # H != W, P = 35 not a multiple of the window: partial edge windows
+    patches, vocab, u = labels_inputs(2, grid, 300, 40, dtype, negate, seed=top_n + negate)
+    fast = cpu_labels.patch_labels_impl(patches, vocab, grid, top_n, 2, negate, u, tile=64, use_cpp=use_cpp)
+    ref = labels.patch_labels_reference(patches, vocab, grid, top_n, 2, negate, u)
+    assert ref.valid.any() and not ref.valid.all() and not ref.valid[0, 0]  # the inputs exercise both cases
+    check_labels(fast, ref, patches, vocab, grid, top_n, negate, u, use_cpp)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("grid,window", [((6, 4), 1), ((4, 9), 3), ((7, 7), 5)])
+def test_patch_labels_windows(path, grid, window):
+    use_cpp = _use_cpp(path)
+    patches, vocab, _ = labels_inputs(3, grid, 200, 24, torch.float32, False, seed=window)
+    u = torch.rand(3, labels.num_windows(grid, window), 2, generator=torch.Generator().manual_seed(window))
+    fast = cpu_labels.patch_labels_impl(patches, vocab, grid, 10, window, False, u, use_cpp=use_cpp)
+    ref = labels.patch_labels_reference(patches, vocab, grid, 10, window, False, u)
+    check_labels(fast, ref, patches, vocab, grid, 10, False, u, use_cpp)
+
+
+def test_sampling_epilogue_is_exact():
+    """The C++ epilogue equals sample_windows bit for bit on the same scores, at CDF and rank boundaries too."""
+    _use_cpp("cpp")
+    ext = cpu_labels._extension()
+    g = torch.Generator().manual_seed(11)
+    grid, window, n = (5, 6), 2, 6
+    nw = labels.num_windows(grid, window)
+    for trial in range(30):
+        values = torch.randn(4, 30, n, generator=g).sort(dim=-1, descending=True).values
+        if trial % 3 == 0:  # exactly representable CDFs (0.5, 0.75, 1) and u on the boundaries
+            values = torch.tensor([0.5, 0.25, 0.25, 0.0, -0.1, -0.2]).expand(4, 30, n).clone()
+            values[:, ::4] = -1.0  # ineligible patches
+        indices = torch.randint(0, 1000, (4, 30, n), generator=g)
+        u = torch.rand(4, nw, 2, generator=g)
+        if trial % 2 == 0:
+            u = torch.tensor([0.0, 0.25, 0.5, 0.75, 1 / 3, 2 / 3, 0.999999])[
+                torch.randint(0, 7, (4, nw, 2), generator=g)
+            ]
+        got = ext.sample_windows(values, indices, grid[0], grid[1], window, u)
+        want = labels.sample_windows(values, indices, grid, window, u)
+        for a, b, name in zip(got, want, want._fields):
+            assert torch.equal(a, b), (trial, name)
+
+
+# ----------------------------------------------------------------------------- dispatch and fallback
+
+
+def test_dispatch_uses_the_cpu_backend():
+    assert D.resolve("cosine_topk", "cpu", torch.device("cpu")) is cpu_labels.cosine_topk
+    assert D.resolve("patch_labels", "cpu", torch.device("cpu")) is cpu_labels.patch_labels
+    assert D.resolve("patch_labels", "auto", torch.device("cpu")) is cpu_labels.patch_labels
+    patches, vocab, u = labels_inputs(2, (4, 4), 120, 16, torch.float32, True, seed=1)
+    got = labels.patch_labels(patches, vocab, top_n=5, negate=True, uniforms=u, backend="cpu")
+    ref = labels.patch_labels(patches, vocab, top_n=5, negate=True, uniforms=u, backend="reference")
+    check_labels(got, ref, patches, vocab, (4, 4), 5, True, u, None)
+    tk = labels.cosine_topk(patches, vocab, 5, backend="cpu")
+    assert tuple(tk.values.shape) == (2, 16, 5)
+
+
+def test_backend_falls_back_without_the_extension(monkeypatch):
+    """Without a compiler (load_extension -> None) the backend entry points run the chunked path."""
+    calls = []
+    chunked = cpu_labels.cosine_topk_chunked
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return chunked(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_labels, "_extension", lambda: None)
+    monkeypatch.setattr(cpu_labels, "cosine_topk_chunked", spy)
+    patches, vocab, u = labels_inputs(2, (3, 5), 100, 16, torch.float32, False, seed=2)
+    got = cpu_labels.patch_labels(patches, vocab, (3, 5), 4, 2, False, u)
+    ref = labels.patch_labels_reference(patches, vocab, (3, 5), 4, 2, False, u)
+    check_labels(got, ref, patches, vocab, (3, 5), 4, False, u, False)
+    tk = cpu_labels.cosine_topk(patches.reshape(-1, 16), vocab, 3, False)
+    check_topk(tk, labels.cosine_topk_reference(patches.reshape(-1, 16), vocab, 3, False), patches, vocab, 3, False)
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError):
+        cpu_labels.cosine_topk_impl(patches.reshape(-1, 16), vocab, 3, False, use_cpp=True)
