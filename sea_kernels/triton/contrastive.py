@@ -1,0 +1,568 @@
+"""Eq. 9 in Triton: the symmetric InfoNCE loss without an ``N x N`` matrix.
+
+Notation: ``r_i = 1 / max(|x_i|, eps)``, ``q_j = 1 / max(|t_j|, eps)`` (``F.normalize``'s eps),
+``cos_ij = (x_i . t_j) r_i q_j``, ``l_ij = scale * cos_ij``, ``c = grad * 0.5 / N``.
+
+Pre-pass (``_inv_norm_kernel``): ``r`` and ``q`` in float32, O(N). Nothing is normalized or
+up-cast as a whole: the kernels load ``x`` and ``t`` tiles in their own dtype (products of two
+16-bit numbers are exact in the float32 accumulator) and fold the norms into each tile.
+
+Forward (``_fwd_body``, one pass for both directions): program ``(split, row block)`` sweeps the
+column blocks ``split, split + n_splits, ...``. Each ``BM x BN`` tile of logits updates the row
+statistics online (FlashAttention: running max and sum in registers) and writes the statistics of
+each of its columns over the tile's rows to a ``(row blocks, N)`` buffer; the tile on the diagonal
+also writes ``l_ii``. Statistics are kept as ``(max, log of the sum of exp(l - max))``: the max is
+a logit, so ``l - max`` is exact where it matters and the log-sum is small, as in ``log_softmax``
+(a rounded float32 log-sum-exp of logits near 100 would cost 4e-6 absolute in every
+probability). A short PyTorch reduction merges the row partials (over splits) and the column
+partials (over row blocks). Rows go in chunks that keep the column buffer under
+``FWD_PARTIAL_BUDGET`` floats (a single chunk up to N = 2**17 with 128-row blocks), so memory is
+O(N). Saved for backward: the inputs, ``r``, ``q`` and the four statistics vectors (O(N)).
+
+Backward, per chunk of ``C`` rows: ``C = min(N, BWD_MAX_ROWS, BWD_CHUNK_BUDGET / N)`` but at least
+``BWD_MIN_ROWS`` (so that the accumulation of ``V`` below stays compute-bound). The chunk never holds
+more than ``BWD_MAX_ROWS`` rows, so no ``N x N`` matrix exists beyond N = 2048 (16 MiB), and its size
+grows linearly in ``N`` (256 MiB at most up to N = 32768, ``BWD_MIN_ROWS * N`` floats beyond):
+
+1. ``_probs_body`` recomputes the logits tile by tile and writes
+   ``H_ij = (P_row_ij - d_ij) + (P_col_ij - d_ij)`` (``P_row = softmax over j``, ``P_col =
+   softmax over i``, ``d`` the identity) for the chunk's rows into a ``C x N`` float32 buffer
+   (on the diagonal ``P - 1`` is ``expm1`` of ``log P``, by a short series: no cancellation when
+   pairs are aligned and ``P_ii`` is close to 1), and the tile's ``sum(H * l)`` (float32 per row,
+   float64 across rows; ``d scale = c / scale * sum_ij H_ij l_ij``).
+2. ``_gemm_body``: ``U = (H * q) @ t`` (the chunk's rows; ``dL/dx_hat = scale c U``) and
+   ``V += (H * r)^T @ x_chunk`` (all of ``t``'s rows, float32, accumulated over the chunks in a
+   fixed order: deterministic, no atomics).
+3. ``_normalize_bwd_kernel``: ``dx = r (dx_hat - r^2 x (x . dx_hat))`` where ``|x| >= eps``, else
+   ``r dx_hat`` (``F.normalize``'s clamp), written in the input dtype; the same for ``t``.
+
+Why not FlashAttention's backward (a program per row block accumulating ``dX`` in registers): for
+``D`` up to 4096 a ``BM x D`` float32 accumulator does not fit, and splitting ``D`` over programs
+would recompute every logits tile ``D / BD`` times. Here each tile is recomputed once and the two
+gradient products are plain GEMMs: 1 (forward) + 1 (recompute) + 2 matrix products of
+``N x N x D`` (the last two at twice the tensor-core work for 16-bit inputs, see below), plus
+``12 N^2`` bytes of traffic for ``H``. Extra memory: the ``C x N`` chunk, ``V`` (``N x D`` float32),
+``U`` (``C x D`` float32).
+
+Precision: ``H`` stays float32. bfloat16 inputs: the GEMMs split ``a = H * q`` into bfloat16
+``hi + lo`` (about 16 significant bits) and run two products against the exact bfloat16 ``t``/``x``.
+float16 inputs: ``a`` is split into TF32 ``hi + lo`` (bit mask) against float16 converted to
+float32 (exact in TF32), because float16's exponent range would flush small ``a`` (TF32 runs at
+half the float16 rate: the float16 backward products cost twice the bfloat16 ones). float32
+inputs: IEEE float32 products (``F32_DOT = "ieee"``, CUDA cores: about the speed of the reference's
+float32 matmuls, with O(N) memory); ``"tf32x3"`` is faster and close to, but not provably within
+2x of, float32 (unverified). Accumulation is float32 everywhere. float64 inputs run the reference backend
+(no float64 kernels).
+
+Tiles: autotuned over a few Hopper configs when ``N * N * D >= AUTOTUNE_MIN_WORK`` (the key
+buckets N by powers of two, since N changes every step); smaller calls, and the interpreter, use
+one fixed config and kernels not specialized on the sizes (no compile per new N).
+Under ``TRITON_INTERPRET=1`` every product is computed in float32 by NumPy.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpret
+from ..contrastive import contrastive_loss_reference
+
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
+
+_INTERPRET = triton_interpret()
+# float32 x float32 products (float32 inputs): "ieee" (CUDA cores, as the reference's matmuls) by default;
+# "tf32x3" (three TF32 tensor-core products, close to float32; its 2x-reference accuracy is unverified) is faster.
+F32_DOT = "ieee"
+
+# Memory knobs (module attributes so that tests can force several chunks on small inputs).
+FWD_PARTIAL_BUDGET = 1 << 24  # float32 column partials per forward launch (64 MiB)
+BWD_CHUNK_BUDGET = 1 << 26  # float32 entries of the backward H chunk (256 MiB) ...
+BWD_MAX_ROWS = 2048  # ... of at most this many rows (never N x N beyond N = 2048) ...
+BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N = 131072 on: 2 KiB x N),
+# so that V's read-modify-write per chunk stays small next to the chunk's products (K = rows)
+FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
+
+FWD_BM = 16 if _INTERPRET else 128  # rows per forward program (fixed: the partial buffers depend on it)
+_MAX_BM = 32 if _INTERPRET else 128  # largest row block of the backward kernels (chunks are multiples of it)
+
+
+AUTOTUNE_MIN_WORK = 1 << 32  # N * N * D from which the GPU kernels are autotuned (smaller: one fixed config)
+
+
+def _config(c: dict) -> triton.Config:
+    c = dict(c)
+    warps, stages = c.pop("warps", 4), c.pop("stages", 1)
+    return triton.Config(c, num_warps=warps, num_stages=stages)
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key of a size that changes from call to call (N: the number of pairs): its log2."""
+    return max(1, int(n) - 1).bit_length()
+
+
+def _kernel(body, generic_args):
+    """Two JIT versions of one kernel body: ``specialized`` (Triton specializes integer arguments on
+    divisibility by 16, which software pipelining needs) for the autotuned large calls, and
+    ``generic`` (``do_not_specialize`` on the sizes) for small calls, so that sizes that change
+    every call (and test shapes) do not each cost a compile."""
+    return triton.jit(body), triton.jit(body, do_not_specialize=generic_args)
+
+
+def _launch(kernels, tuned, fixed, grid, big, *args, **kwargs):
+    """Autotuned (``tuned``: an autotuner over ``kernels[0]``) on a GPU when ``big``, else the
+    generic kernel with the ``fixed`` config (always under the interpreter)."""
+    if big and not _INTERPRET:
+        tuned[grid](*args, **kwargs)
+        return
+    g = grid(fixed.kwargs) if callable(grid) else grid
+    kernels[1][g](*args, **kwargs, **fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["N"])
+def _inv_norm_kernel(x_ptr, r_ptr, w_ptr, N, D, stride_x, EPS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """``r = 1 / max(|x|, eps)`` and ``w = r^2`` where ``|x| >= eps`` else 0 (the projection weight)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    offs = tl.arange(0, BD)
+    base = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    ss = tl.zeros((BM,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + offs
+        v = tl.load(base + cols[None, :], mask=rmask[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(v * v, 1)
+    nrm = tl.sqrt_rn(ss)
+    r = tl.div_rn(tl.full((BM,), 1.0, tl.float32), tl.maximum(nrm, EPS))
+    w = tl.where(nrm >= EPS, r * r, 0.0)
+    tl.store(r_ptr + rows, r, mask=rmask)
+    tl.store(w_ptr + rows, w, mask=rmask)
+
+
+@triton.jit
+def _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``cos(x_rows, t_cols)`` as a ``BM x BN`` float32 tile (zeros outside the masks)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    offs_k = tl.arange(0, BK)
+    xp = x_ptr + rows.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
+    tp = t_ptr + cols.to(tl.int64)[None, :] * stride_t + offs_k[:, None]
+    for k0 in range(0, D, BK):
+        kmask = (k0 + offs_k) < D
+        a = tl.load(xp, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(tp, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        xp += BK
+        tp += BK
+    rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
+    rt = tl.load(rt_ptr + cols, mask=cmask, other=0.0)
+    return acc * rx[:, None] * rt[None, :]
+
+
+def _fwd_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, col_m_ptr, col_ls_ptr, diag_ptr,
+              row0, row_end, N, D, stride_x, stride_t, n_splits, TUNE_KEY,
+              BM: tl.constexpr, DOT_PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Log-sum-exp partials as (max, log of the sum of exp(l - max)): the max is a logit itself, so
+    ``l - max`` stays exact where it matters (as in ``log_softmax``) and ``log(sum)`` is small."""
+    split = tl.program_id(0)
+    rb = tl.program_id(1)
+    rows_local = rb * BM + tl.arange(0, BM)
+    rows = row0 + rows_local
+    rmask = rows < row_end
+    scale = tl.load(scale_ptr).to(tl.float32)
+    m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros((BM,), dtype=tl.float32)
+    col_off = rb.to(tl.int64) * N
+    for cb in range(split, tl.cdiv(N, BN), n_splits):
+        cols = cb * BN + tl.arange(0, BN)
+        cmask = cols < N
+        z = _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t,
+                      BM, BN, BK, DOT_PREC) * scale
+        z = tl.where(rmask[:, None] & cmask[None, :], z, float("-inf"))
+        # rows: online max and sum (masked rows keep max -inf, hence m_use)
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_i = s_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(z - m_use[:, None]), 1)
+        m_i = m_new
+        # columns: over this tile's rows
+        mc = tl.max(z, 0)
+        mc_use = tl.where(mc == float("-inf"), 0.0, mc)
+        sc = tl.sum(tl.exp(z - mc_use[None, :]), 0)
+        tl.store(col_m_ptr + col_off + cols, mc, mask=cmask)
+        tl.store(col_ls_ptr + col_off + cols, tl.log(tl.maximum(sc, 1.0)), mask=cmask)
+        # the diagonal l_ii lies in exactly one tile
+        if (cb * BN < row0 + rb * BM + BM) & (cb * BN + BN > row0 + rb * BM):
+            dz = tl.sum(tl.where(rows[:, None] == cols[None, :], z, 0.0), 1)
+            tl.store(diag_ptr + rows, dz, mask=rmask & (rows >= cb * BN) & (rows < cb * BN + BN))
+    off = split * (row_end - row0) + rows_local
+    tl.store(row_m_ptr + off, m_i, mask=rmask)
+    tl.store(row_ls_ptr + off, tl.log(tl.maximum(s_i, 1.0)), mask=rmask)  # s_i >= 1 unless empty
+
+
+@triton.jit
+def _expm1(y):
+    """``exp(y) - 1`` without cancellation: Horner form of its Taylor series to ``y**10`` where
+    ``|y| <= 1/2`` (truncation below 3e-11 relative), ``exp(y) - 1`` elsewhere."""
+    q = 1.0 + y * 0.1
+    q = 1.0 + (y * 0.1111111111111111) * q
+    q = 1.0 + (y * 0.125) * q
+    q = 1.0 + (y * 0.14285714285714285) * q
+    q = 1.0 + (y * 0.16666666666666666) * q
+    q = 1.0 + (y * 0.2) * q
+    q = 1.0 + (y * 0.25) * q
+    q = 1.0 + (y * 0.3333333333333333) * q
+    q = 1.0 + (y * 0.5) * q
+    return tl.where(tl.abs(y) <= 0.5, y * q, tl.exp(y) - 1.0)
+
+
+@triton.jit
+def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
+    """Grouped program order (L2 reuse), as in Triton's matmul tutorial."""
+    width = GROUP_M * n_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+def _probs_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, col_m_ptr, col_ls_ptr,
+                h_ptr, ds_ptr,
+                row0, n_rows, N, D, stride_x, stride_t, stride_h, TUNE_KEY,
+                  DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    """``H = (P_row - I) + (P_col - I)`` for rows ``row0 .. row0 + n_rows`` (local row index in ``h``),
+    and ``sum(H * l)`` of the tile at ``ds_ptr[program id]``."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _swizzle(pid, tl.cdiv(n_rows, BM), tl.cdiv(N, BN), GROUP_M)
+    rows_local = pid_m * BM + tl.arange(0, BM)
+    rows = row0 + rows_local
+    rmask = rows_local < n_rows
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    scale = tl.load(scale_ptr).to(tl.float32)
+    z = _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t,
+                  BM, BN, BK, DOT_PREC) * scale
+    mr = tl.load(row_m_ptr + rows, mask=rmask, other=0.0)
+    lr = tl.load(row_ls_ptr + rows, mask=rmask, other=0.0)
+    mc = tl.load(col_m_ptr + cols, mask=cmask, other=0.0)
+    lc = tl.load(col_ls_ptr + cols, mask=cmask, other=0.0)
+    h = tl.exp((z - mr[:, None]) - lr[:, None]) + tl.exp((z - mc[None, :]) - lc[None, :])
+    row_start = row0 + pid_m * BM
+    if (pid_n * BN < row_start + BM) & (pid_n * BN + BN > row_start):  # a tile on the diagonal
+        # there (P_row - 1) + (P_col - 1): with P close to 1 (aligned pairs) exp(y) - 1 would cancel
+        on_diag = rows[:, None] == cols[None, :]
+        zd = tl.sum(tl.where(on_diag, z, 0.0), 1)  # l_ii of the rows whose diagonal is in the tile
+        mcd = tl.load(col_m_ptr + rows, mask=rmask, other=0.0)
+        lcd = tl.load(col_ls_ptr + rows, mask=rmask, other=0.0)
+        hd = _expm1((zd - mr) - lr) + _expm1((zd - mcd) - lcd)
+        h = tl.where(on_diag, hd[:, None], h)
+    mask = rmask[:, None] & cmask[None, :]
+    hp = h_ptr + rows_local.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    tl.store(hp, h, mask=mask)
+    # sum(H * l) of the tile: float32 over each row, float64 across rows (d scale = c * sum(H l) / scale)
+    tl.store(ds_ptr + pid, tl.sum(tl.sum(tl.where(mask, h * z, 0.0), 1).to(tl.float64), 0))
+
+
+def _gemm_body(a_ptr, kv_ptr, b_ptr, c_ptr, M, NO, K, stride_am, stride_ak, stride_bk, stride_cm, TUNE_KEY,
+                 ACCUMULATE: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``c (+)= (a * kv[None, :]) @ b``: ``a`` float32 ``M x K`` (any strides), ``kv`` float32 ``K``,
+    ``b`` ``K x NO`` row-major in the input dtype, ``c`` float32 ``M x NO``.
+
+    MODE "bf16": ``a * kv`` split into bfloat16 hi + lo, two products with the exact ``b`` (bfloat16
+    keeps float32's exponent range). MODE "f16": split into TF32 hi + lo (bit masks), ``b`` converted
+    to float32 (exact in TF32), two TF32 products: float16's range would lose small ``a``.
+    MODE "f32": one product at ``DOT_PREC`` (``F32_DOT``; float32 under the interpreter).
+    """
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NO, BN), GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask = rm < M
+    nmask = rn < NO
+    ap = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk.to(tl.int64)[None, :] * stride_ak
+    bp = b_ptr + rk.to(tl.int64)[:, None] * stride_bk + rn[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = (k0 + rk) < K
+        a = tl.load(ap, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        kv = tl.load(kv_ptr + k0 + rk, mask=kmask, other=0.0)
+        a = a * kv[None, :]
+        b = tl.load(bp, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if MODE == "bf16":
+            a_hi = a.to(tl.bfloat16)
+            a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(a_hi, b, acc)
+            acc = tl.dot(a_lo, b, acc)
+        elif MODE == "f16":
+            a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            bf = b.to(tl.float32)
+            acc = tl.dot(a_hi, bf, acc, input_precision="tf32")
+            acc = tl.dot(a - a_hi, bf, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        ap += BK * stride_ak
+        bp += BK * stride_bk
+    cp = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    cmask = mmask[:, None] & nmask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(cp, mask=cmask, other=0.0)
+    tl.store(cp, acc, mask=cmask)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _normalize_bwd_kernel(u_ptr, v_ptr, r_ptr, w_ptr, coef_ptr, out_ptr, n_rows, D, stride_u, stride_v, stride_o,
+                          BM: tl.constexpr, BD: tl.constexpr):
+    """``out = r * coef * (u - w * v * (v . u))`` with ``w = r^2`` (or 0 where the norm was clamped):
+    ``d/dv`` of ``v * r`` given ``dL/d(v * r) = coef * u``, as ``F.normalize`` differentiates."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < n_rows
+    offs = tl.arange(0, BD)
+    ub = u_ptr + rows.to(tl.int64)[:, None] * stride_u
+    vb = v_ptr + rows.to(tl.int64)[:, None] * stride_v
+    ob = out_ptr + rows.to(tl.int64)[:, None] * stride_o
+    dot = tl.zeros((BM,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + offs
+        mask = rmask[:, None] & (cols < D)[None, :]
+        u = tl.load(ub + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(vb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(u * v, 1)
+    r = tl.load(r_ptr + rows, mask=rmask, other=0.0)
+    w = tl.load(w_ptr + rows, mask=rmask, other=0.0)
+    a = r * tl.load(coef_ptr)
+    proj = w * dot
+    for d0 in range(0, D, BD):
+        cols = d0 + offs
+        mask = rmask[:, None] & (cols < D)[None, :]
+        u = tl.load(ub + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(vb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = (u - v * proj[:, None]) * a[:, None]
+        tl.store(ob + cols[None, :], g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- configs
+
+# Each kernel: Hopper candidates for 16-bit inputs (tensor cores) and for float32 inputs (IEEE
+# products on CUDA cores want smaller tiles), pruned by the input dtype before tuning; every candidate
+# compiles for sm_90 within shared memory and, but for a few float32 forward ones, without spills.
+
+
+def _tuner(kernel, key, half, single, dtype_arg, **kwargs):
+    half, single = [_config(c) for c in half], [_config(c) for c in single]
+    ids = {id(c) for c in single}
+
+    def prune(configs, named_args, **_):
+        want = named_args[dtype_arg].dtype == torch.float32
+        return [c for c in configs if (id(c) in ids) == want]
+
+    return triton.autotune(half + single, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)(kernel)
+
+
+_FWD = _kernel(_fwd_body, ["row0", "row_end", "N", "D", "stride_x", "stride_t", "n_splits", "TUNE_KEY"])
+_FWD_TUNED = _tuner(
+    _FWD[0], ["TUNE_KEY", "D"],
+    [dict(BN=128, BK=64, warps=8, stages=3), dict(BN=64, BK=64, warps=4, stages=3),
+     dict(BN=128, BK=32, warps=8, stages=4), dict(BN=64, BK=32, warps=4, stages=2)],
+    [dict(BN=64, BK=32, warps=4, stages=2), dict(BN=64, BK=16, warps=4, stages=2),
+     dict(BN=128, BK=32, warps=8, stages=4)],
+    "x_ptr",
+)
+_FWD_FIXED = _config(dict(BN=32, BK=16) if _INTERPRET else dict(BN=64, BK=16, warps=4, stages=2))
+
+_PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "D", "stride_x", "stride_t", "stride_h", "TUNE_KEY"])
+_PROBS_TUNED = _tuner(
+    _PROBS[0], ["TUNE_KEY", "D"],
+    [dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3), dict(BM=128, BN=64, BK=64, GROUP_M=8, warps=4, stages=3),
+     dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=3), dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=4)],
+    [dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2), dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=3),
+     dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3)],
+    "x_ptr",
+    reset_to_zero=["ds_ptr"],  # its layout depends on the tile: a tuning run must leave no stale entry
+)
+_PROBS_FIXED = _config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else
+                       dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2))
+_PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + [_PROBS_FIXED])
+_PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + [_PROBS_FIXED])
+
+_GEMM = _kernel(_gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "TUNE_KEY"])
+_GEMM_TUNED = _tuner(
+    _GEMM[0], ["TUNE_KEY", "NO"],
+    [dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=3), dict(BM=128, BN=256, BK=32, GROUP_M=8, warps=8, stages=3),
+     dict(BM=64, BN=256, BK=32, GROUP_M=8, warps=4, stages=4), dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3),
+     dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=4)],
+    [dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2), dict(BM=64, BN=128, BK=16, GROUP_M=8, warps=4, stages=3),
+     dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3)],
+    "b_ptr",
+    restore_value=["c_ptr"],  # ACCUMULATE reads c: tuning runs must not add up
+)
+_GEMM_FIXED = _config(dict(BM=16, BN=32, BK=16, GROUP_M=2) if _INTERPRET else
+                      dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3))
+
+# ----------------------------------------------------------------------------- launchers
+
+_ROW_BM = 16  # rows per program of the row-wise kernels (x 256 columns: no register spills on sm_90)
+_ROW_BD = 32 if _INTERPRET else 256
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 operands: F32_DOT (the interpreter computes in float32 whatever is asked). 16-bit
+    # operands ignore it (exact products, float32 accumulation).
+    return F32_DOT if dtype == torch.float32 else "tf32"
+
+
+def _inv_norms(x: torch.Tensor):
+    n, d = x.shape
+    r = torch.empty(n, dtype=torch.float32, device=x.device)
+    w = torch.empty(n, dtype=torch.float32, device=x.device)
+    _inv_norm_kernel[(triton.cdiv(n, _ROW_BM),)](x, r, w, n, d, x.stride(0), EPS=NORM_EPS, BM=_ROW_BM, BD=_ROW_BD)
+    return r, w
+
+
+def _merge(m: torch.Tensor, ls: torch.Tensor, dim: int):
+    """Combine (max, log-sum) partials along ``dim``; empty partials have max ``-inf``."""
+    top = m.amax(dim)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top, ((m - safe.unsqueeze(dim)) + ls).exp().sum(dim).log()
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _fwd_splits(row_blocks: int, n: int, device: torch.device) -> int:
+    """Column splits of the forward grid: about two programs per SM (2 under the interpreter)."""
+    if FWD_SPLITS is not None:
+        return max(1, int(FWD_SPLITS))
+    if _INTERPRET or device.type != "cuda":
+        return 2
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(n, 128)))
+
+
+def _forward_stats(x, t, rx, rt, scale):
+    """Row and column (max, log-sum) of the logits and their diagonal (float32, length N each)."""
+    n, d = x.shape
+    dev = x.device
+    f32 = torch.float32
+    row_m = torch.empty(n, dtype=f32, device=dev)
+    row_ls = torch.empty(n, dtype=f32, device=dev)
+    col_m = col_ls = None
+    diag = torch.empty(n, dtype=f32, device=dev)
+    chunk = max(1, FWD_PARTIAL_BUDGET // n) * FWD_BM
+    prec = _dot_precision(x.dtype)
+    big = n * n * d >= AUTOTUNE_MIN_WORK
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        blocks = triton.cdiv(r1 - r0, FWD_BM)
+        splits = _fwd_splits(blocks, n, dev)
+        rm = torch.empty((splits, r1 - r0), dtype=f32, device=dev)
+        rl = torch.empty((splits, r1 - r0), dtype=f32, device=dev)
+        cm = torch.empty((blocks + (col_m is not None), n), dtype=f32, device=dev)
+        cl = torch.empty_like(cm)
+        _launch(_FWD, _FWD_TUNED, _FWD_FIXED, (splits, blocks), big,
+                x, t, rx, rt, scale, rm, rl, cm, cl, diag, r0, r1, n, d, x.stride(0), t.stride(0), splits, _bucket(n),
+                BM=FWD_BM, DOT_PREC=prec)
+        row_m[r0:r1], row_ls[r0:r1] = _merge(rm, rl, 0)
+        if col_m is not None:  # the earlier chunks' columns, in the spare last row
+            cm[-1], cl[-1] = col_m, col_ls
+        col_m, col_ls = _merge(cm, cl, 0)
+    return row_m, row_ls, col_m, col_ls, diag
+
+
+def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, accumulate, big):
+    no = b.shape[1]
+    mode = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(b.dtype, "f32")
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(no, meta["BN"]),)
+
+    _launch(_GEMM, _GEMM_TUNED, _GEMM_FIXED, grid, big,
+            a, kv, b, c, m, no, k, stride_am, stride_ak, b.stride(0), c.stride(0), _bucket(m) * 64 + _bucket(k),
+            ACCUMULATE=accumulate, MODE=mode, DOT_PREC=_dot_precision(b.dtype))
+
+
+def _finish(u, v, r, w, coef, out):
+    n, d = v.shape
+    _normalize_bwd_kernel[(triton.cdiv(n, _ROW_BM),)](
+        u, v, r, w, coef, out, n, d, u.stride(0), v.stride(0), out.stride(0), BM=_ROW_BM, BD=_ROW_BD)
+
+
+class _ContrastiveLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, t, scale):
+        n = x.shape[0]
+        rx, wx = _inv_norms(x)
+        rt, wt = _inv_norms(t)
+        stats = _forward_stats(x, t, rx, rt, scale)
+        row_m, row_ls, col_m, col_ls, diag = (v.double() for v in stats)
+        # -log p_ii = (max_i - l_ii) + log sum_i, as cross_entropy computes it; the O(N) terms are
+        # summed in float64 (an N-term float32 sum would add its own error)
+        total = ((row_m - diag) + row_ls).sum() + ((col_m - diag) + col_ls).sum()
+        loss = (total * (0.5 / n)).to(scale.dtype)
+        ctx.save_for_backward(x, t, scale, rx, wx, rt, wt, *stats[:4])
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, t, scale, rx, wx, rt, wt, *stats = ctx.saved_tensors  # stats: row max, row log-sum, col ...
+        need_x, need_t, need_s = ctx.needs_input_grad[:3]
+        n, d = x.shape
+        dev = x.device
+        f32 = torch.float32
+        c = grad.to(f32) * (0.5 / n)  # dL/dl = c * H
+        s = scale.detach().to(f32)
+        coef = (s * c).reshape(())  # dL/dx_hat = coef * U with U = (H * q) @ t; likewise for t with V
+        dx = torch.empty_like(x) if need_x else None
+        dt = torch.empty_like(t) if need_t else None
+        v = torch.empty((n, d), dtype=f32, device=dev) if need_t else None
+        rows = min(n, max(BWD_MIN_ROWS, _MAX_BM, min(BWD_MAX_ROWS, BWD_CHUNK_BUDGET // n) // _MAX_BM * _MAX_BM))
+        h = torch.empty((rows, n), dtype=f32, device=dev)
+        u = torch.empty((rows, d), dtype=f32, device=dev) if need_x else None
+        ds_parts = []
+        prec = _dot_precision(x.dtype)
+        big = n * n * d >= AUTOTUNE_MIN_WORK
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            m = r1 - r0
+            ds = torch.zeros(triton.cdiv(m, _PROBS_MIN_BM) * triton.cdiv(n, _PROBS_MIN_BN), dtype=torch.float64,
+                             device=dev)
+
+            def grid(meta, m=m):
+                return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+            _launch(_PROBS, _PROBS_TUNED, _PROBS_FIXED, grid, big,
+                    x, t, rx, rt, scale, *stats, h, ds, r0, m, n, d, x.stride(0), t.stride(0), h.stride(0),
+                    _bucket(m) * 64 + _bucket(n), DOT_PREC=prec)
+            ds_parts.append(ds.sum())
+            if need_x:
+                _gemm(h, h.stride(0), 1, rt, t, u, m, n, accumulate=False, big=big)
+                _finish(u, x[r0:r1], rx[r0:r1], wx[r0:r1], coef, dx[r0:r1])
+            if need_t:
+                _gemm(h, 1, h.stride(0), rx[r0:r1], x[r0:r1], v, n, m, accumulate=r0 > 0, big=big)
+        if need_t:
+            _finish(v, t, rt, wt, coef, dt)
+        dscale = (c.double() / s.double() * torch.stack(ds_parts).sum()).to(scale.dtype) if need_s else None
+        return dx, dt, dscale
+
+
+def contrastive_loss(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Backend entry: ``x``, ``t`` ``(N, D)``, ``scale`` 0-d in the accumulation dtype -> 0-d loss.
+
+    float64 inputs run the reference (eager) computation; mixed dtypes are promoted first.
+    """
+    common = torch.promote_types(x.dtype, t.dtype)
+    if common == torch.float64 or scale.dtype == torch.float64:
+        return contrastive_loss_reference(x, t, scale)
+    x = x.to(common).contiguous()
+    t = t.to(common).contiguous()
+    return _ContrastiveLoss.apply(x, t, scale)
