@@ -1,10 +1,29 @@
-"""The ``sea`` command. Each subcommand imports what it needs when it runs, so ``sea --help`` is instant."""
+"""The ``sea`` command. Each subcommand imports what it needs when it runs, so ``sea --help`` is instant.
+
+* ``sea demo [--out DIR] [--quick]``: both training stages on a synthetic dataset, on the CPU.
+* ``sea train --stage {1,2} --config FILE [--section.key VALUE ...]``: one training stage
+  (see :mod:`sea_model.train` for the configuration and the override syntax).
+* ``sea generate --checkpoint DIR --image IMG --prompt TEXT``: answer with a trained model.
+* ``sea selfcheck``: run every op with every available backend.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+TRAIN_EPILOG = """\
+configuration: a YAML file with sections model, data, train (fields of sea_model.model.ModelConfig,
+sea_model.train.DataConfig and TrainConfig), then any field overridden by its dotted name:
+  --train.lr 1e-3  --train.global_batch_size 256  --model.sea.enabled false
+  --data.json_path data/blip_laion_cc_sbu_558k.json  --data.image_folder data/images
+  --model.llm.hidden_size 64   (inside a config dict)   --train.max_steps=100   (= also works)
+Values are YAML scalars (true/false, null, numbers, strings, [lists]) converted to the field's type.
+Stage defaults (LLaVA-1.5): stage 1 lr 1e-3, global batch 256, micro batch 32, template plain;
+stage 2 lr 2e-5, global batch 128, micro batch 16, template auto. Several GPUs (DDP; --fsdp shards stage 2):
+  torchrun --nproc_per_node 8 -m sea_model.cli train --stage 1 --config configs/stage1.yaml
+Use --print_config to see the resolved configuration."""
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -30,9 +49,117 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .checkpoint import CheckpointError
+    from .train import load_run_config, parse_overrides, train
+
+    def fail(err: Exception) -> int:  # configuration and checkpoint problems: one clear line
+        print(f"sea train: error: {err}", file=sys.stderr)
+        return 2
+
+    shortcuts = {"stage": "train.stage", "resume": "train.resume", "init_from": "train.init_from", "out": "train.out_dir"}
+    try:
+        overrides = parse_overrides(extra)
+        overrides += [(key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None]
+        if args.fsdp:
+            overrides.append(("train.fsdp", "true"))
+        cfg = load_run_config(args.config, overrides).resolved()
+    except (ValueError, FileNotFoundError) as err:
+        return fail(err)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if not cfg.data.json_path:
+        return fail(ValueError("data.json_path is required (--data.json_path FILE or in --config)"))
+    _logging()
+    try:
+        result = train(cfg)
+    except CheckpointError as err:
+        return fail(err)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if result.checkpoint is None:
+            print(f"stopped after step {result.step} of {result.total_steps} (train.stop_after); continue with --resume latest")
+        else:
+            print(f"done: {result.step} steps; checkpoint {result.checkpoint}")
+        print(f"metrics: {result.metrics}" + (f", plot {result.plot}" if result.plot else ""))
+        if result.mm_projector:
+            print(f"LLaVA adapter (--pretrain_mm_mlp_adapter): {result.mm_projector}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_for_inference
+    from .model import answer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, info = load_for_inference(args.checkpoint, device=device)
+    template = args.template or ("plain" if info["stage"] == 1 else info["run"]["data"].get("template") or "auto")
+    image = None
+    if args.image:
+        from PIL import Image
+
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+    print(answer(model, tokenizer, args.prompt, image, template=template, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    run(args.out, quick=args.quick, device=args.device, backend=args.backend, seed=args.seed, threads=args.threads or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sea", description="Supervised Embedding Alignment for multimodal LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train both stages on a synthetic dataset (CPU, offline, about a minute)")
+    p.add_argument("--out", default="sea-demo", help="output directory (default ./sea-demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps only (seconds; for tests)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--backend", default="reference", choices=["auto", "reference", "triton", "cpu"], help="SEA kernel backend")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "train",
+        help="run one training stage (stage 1: adapter + SEA; stage 2: adapter + LLM)",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        usage="sea train --stage {1,2} [--config FILE] [--resume DIR|latest] [--init_from DIR] [--out DIR] [--fsdp] "
+        "[--print_config] [--section.key VALUE ...]",
+    )
+    p.add_argument("--stage", type=int, choices=[1, 2], default=None, help="= --train.stage")
+    p.add_argument("--config", default=None, help="YAML file with sections model, data, train")
+    p.add_argument("--resume", default=None, help="checkpoint or output directory, or 'latest' (under --out): continue exactly")
+    p.add_argument("--init_from", default=None, help="stage 2: a stage-1 output directory or checkpoint, or an mm_projector.bin")
+    p.add_argument("--out", default=None, help="= --train.out_dir")
+    p.add_argument("--fsdp", action="store_true", help="shard stage 2 with FSDP2 when there are several processes")
+    p.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser("generate", help="answer a prompt about an image with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or output directory (its latest checkpoint)")
+    p.add_argument("--image", default=None, help="an image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--template", default=None, help="default: plain for stage 1, the training template for stage 2")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("selfcheck", help="run every op with every available backend and print errors and times")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -44,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

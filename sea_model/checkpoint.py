@@ -1,0 +1,387 @@
+"""Checkpoints: save, resolve, load, resume, and LLaVA's ``mm_projector.bin``.
+
+A checkpoint is a directory ``<out_dir>/checkpoint-<step, 7 digits>/``:
+
+* ``config.json``: ``{"format": "sea-checkpoint", "version": 1, "stage", "step", "model"
+  (ModelConfig), "run" (the whole RunConfig), "weights" (the saved parameter names)}``;
+* ``model.safetensors``: the parameters that cannot be rebuilt from their source: the trainable
+  ones (adapter, SEA's log-scale, the LLM in stage 2, the tower with ``vision_lr``) and those of a
+  randomly initialised LLM or tower (an ``llm`` config dict, ``vision.pretrained`` None);
+* ``tokenizer/``: ``save_pretrained`` of the tokenizer (with ``<image>``);
+* ``optimizer.pt`` (parameter-name-keyed full optimizer state), ``trainer_state.json`` (step,
+  samples consumed, epoch, elapsed time, world size, scheduler state) and one
+  ``rng_state_<rank>.pt`` per rank (torch, CUDA, Python, NumPy and SEA-generator states);
+* stage 1: ``mm_projector.bin``, the adapter under LLaVA's names (``model.mm_projector.0.weight``
+  ... for ``mlp2x_gelu``), loadable by LLaVA's ``--pretrain_mm_mlp_adapter``; the final one is
+  also copied to ``<out_dir>/mm_projector.bin``.
+
+Each checkpoint is written into ``.checkpoint-<step>.tmp/`` and renamed into place
+(``os.replace``), so a directory named ``checkpoint-*`` is always complete; only the last
+``keep_last`` are kept. Loading never unpickles arbitrary objects: tensors come from safetensors,
+state from JSON or ``torch.load(weights_only=True)``; a missing, truncated or foreign file raises
+:class:`CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sea-checkpoint"
+VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "trainer_state.json"
+TOKENIZER = "tokenizer"
+MM_PROJECTOR = "mm_projector.bin"
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, or not a sea checkpoint."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:07d}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories under ``out_dir``, oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if p.is_dir() and (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """A checkpoint directory from: a checkpoint directory, an output directory (its latest
+    checkpoint), or ``"latest"`` (the latest under ``out_dir``)."""
+    if str(path) == "latest":
+        if out_dir is None:
+            raise CheckpointError("'latest' needs an output directory (train.out_dir)")
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise CheckpointError(f"latest: no checkpoint-* directories in {out_dir}")
+        return found[-1]
+    p = Path(path)
+    if (p / CONFIG).is_file():
+        return p
+    found = list_checkpoints(p)
+    if found:
+        return found[-1]
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or output directory")
+    raise CheckpointError(f"{p}: not a sea checkpoint (no {CONFIG}) and no checkpoint-* directories in it")
+
+
+# --------------------------------------------------------------------------- reading, with clear errors
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or not written by sea") from None
+
+
+def _torch_load(path: Path):
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle (refused by weights_only), ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read as tensors and plain data ({first}); the file is truncated or not written by sea") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("sea") != f"{FORMAT}-v{VERSION}":
+                raise CheckpointError(f"{path}: not a sea checkpoint's weights (metadata sea={meta.get('sea')!r}, expected {FORMAT}-v{VERSION!r})")
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); the file is truncated or not safetensors") from None
+
+
+def read_info(ckpt: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint, checked to be a sea checkpoint of a known version."""
+    path = Path(ckpt) / CONFIG
+    info = _read_json(path)
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        got = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise CheckpointError(f"{path}: not a sea checkpoint (format {got!r}, expected {FORMAT!r})")
+    if info.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {info.get('version')!r}; this sea reads version {VERSION}")
+    for key in ("stage", "step", "model", "run"):
+        if key not in info:
+            raise CheckpointError(f"{path}: key {key!r} is missing")
+    return info
+
+
+def load_tokenizer(ckpt: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = Path(ckpt) / TOKENIZER
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({err})") from None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def saved_parameter_names(model) -> list[str]:
+    """Trainable parameters, adapter and SEA always, and randomly initialised LLM / tower."""
+    cfg = model.model_config
+    random_llm = cfg is not None and isinstance(cfg.llm, dict)
+    random_tower = cfg is not None and not cfg.vision.pretrained
+    names = []
+    for n, p in model.named_parameters():  # tied weights appear once
+        if (
+            p.requires_grad
+            or n.startswith(("adapter.", "sea."))
+            or (random_llm and n.startswith("llm."))
+            or (random_tower and n.startswith("tower."))
+        ):
+            names.append(n)
+    return names
+
+
+def load_weights(model, ckpt: str | os.PathLike, *, require_trainable_for_stage: int | None = None, vision: bool = False) -> list[str]:
+    """Copy ``model.safetensors`` into ``model``'s parameters; returns the names loaded.
+
+    Every tensor must be a parameter of the model with the same shape (``sea.*`` is skipped when
+    the model has SEA off). With ``require_trainable_for_stage`` (resume), every parameter that
+    stage trains must be in the file."""
+    path = Path(ckpt) / WEIGHTS
+    tensors = _read_weights(path)
+    params = dict(model.named_parameters())
+    if any(n.startswith("adapter.") for n in params) and not any(n.startswith("adapter.") for n in tensors):
+        raise CheckpointError(f"{path}: holds no adapter.* tensors (found {sorted(tensors)[:4]}...); not a sea checkpoint")
+    loaded = []
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in params:
+                if name.startswith("sea.") and model.sea is None:
+                    continue  # SEA is off in this model
+                raise CheckpointError(f"{path}: tensor {name!r} is not a parameter of this model (a checkpoint of another architecture?)")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}; the model's is {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            loaded.append(name)
+    if require_trainable_for_stage is not None:
+        prefixes = ["adapter.", "sea."] + (["llm."] if require_trainable_for_stage == 2 else []) + (["tower."] if vision else [])
+        missing = [n for n in params if n.startswith(tuple(prefixes)) and n not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} trained parameter(s) missing, e.g. {missing[0]!r}")
+    return loaded
+
+
+def mm_projector_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors under LLaVA's names: ``adapter.0.weight`` -> ``model.mm_projector.0.weight``."""
+    return {"model.mm_projector." + k[len("adapter.") :]: v for k, v in weights.items() if k.startswith("adapter.")}
+
+
+def load_mm_projector(adapter: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a LLaVA ``mm_projector.bin`` (or ours) into ``adapter``."""
+    path = Path(path)
+    sd = _torch_load(path)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    sub = {k.split("mm_projector.", 1)[1]: v for k, v in sd.items() if "mm_projector." in k}
+    if not sub:
+        raise CheckpointError(f"{path}: no mm_projector.* keys (found {sorted(sd)[:4]})")
+    try:
+        adapter.load_state_dict(sub, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit this adapter: {err}") from None
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _rng_state(sea_generator: torch.Generator) -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "sea": sea_generator.get_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+    }
+
+
+def _set_rng_state(state: dict, sea_generator: torch.Generator) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    sea_generator.set_state(state["sea"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, g = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, g))
+
+
+def _gather_weights(model, names: list[str], main: bool) -> dict[str, torch.Tensor]:
+    """Full tensors on the main rank (FSDP shards are all-gathered on every rank, in order)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n in names:
+        p = params[n].detach()
+        if hasattr(p, "full_tensor"):  # a DTensor (FSDP2): collective
+            p = p.full_tensor()
+        if main:
+            out[n] = p.to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    run_config: dict,
+    stage: int,
+    optimizer,
+    scheduler,
+    state: dict,
+    sea_generator: torch.Generator,
+    rank: int = 0,
+    world: int = 1,
+    keep_last: int = 2,
+) -> Path:
+    """Write ``<out_dir>/checkpoint-<step>`` atomically (collective when ``world > 1``; the
+    directory must be on a file system every rank sees). Returns its path."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    def barrier():
+        if world > 1:
+            torch.distributed.barrier()
+
+    out_dir = Path(out_dir)
+    main = rank == 0
+    name = checkpoint_name(step)
+    final, tmp = out_dir / name, out_dir / f".{name}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    names = saved_parameter_names(model)
+    weights = _gather_weights(model, names, main)
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if main:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "sea": f"{FORMAT}-v{VERSION}"})
+        torch.save(optim, tmp / OPTIMIZER)
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        (tmp / STATE).write_text(json.dumps({**state, "scheduler": sched}, indent=1))
+        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        if stage == 1:
+            torch.save(mm_projector_state(weights), tmp / MM_PROJECTOR)
+        info = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step, "model": run_config["model"], "run": run_config, "weights": names}
+        (tmp / CONFIG).write_text(json.dumps(info, indent=1))
+    torch.save(_rng_state(sea_generator), tmp / rng_file(rank))
+    barrier()
+    if main:
+        if final.exists():  # a rerun of this step (after a resume): replace it
+            old = out_dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        for stale in list_checkpoints(out_dir)[: -max(1, keep_last)]:
+            shutil.rmtree(stale)
+        for partial in out_dir.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    return final
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def load_training_state(ckpt, model, optimizer, scheduler, sea_generator, *, rank: int = 0, world: int = 1) -> dict:
+    """Restore optimizer, scheduler and this rank's RNG states; returns ``trainer_state.json``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    ckpt = Path(ckpt)
+    state = _read_json(ckpt / STATE)
+    for key in ("step", "samples_seen", "elapsed", "world_size", "scheduler"):
+        if key not in state:
+            raise CheckpointError(f"{ckpt / STATE}: key {key!r} is missing")
+    optim = _torch_load(ckpt / OPTIMIZER)
+    try:
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    except Exception as err:
+        raise CheckpointError(f"{ckpt / OPTIMIZER}: does not fit this run's optimizer ({err})") from None
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    if state["world_size"] != world:
+        log.warning(
+            "%s was written by %d process(es), this run has %d: data order is kept, random streams are not (not an exact continuation)",
+            ckpt, state["world_size"], world,
+        )  # fmt: skip
+    rng_path = ckpt / rng_file(rank)
+    if rng_path.is_file() or state["world_size"] == world:
+        rng = _torch_load(rng_path)
+        if not isinstance(rng, dict) or not {"torch", "cuda", "sea", "python", "numpy"} <= set(rng):
+            raise CheckpointError(f"{rng_path}: not a sea RNG state")
+        _set_rng_state(rng, sea_generator)
+    return state
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def load_for_inference(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """``(model, tokenizer, info)`` rebuilt from a checkpoint (or output directory): the saved
+    model config with SEA off (answering needs no vocabulary), its tokenizer and weights."""
+    from .model import ModelConfig, build_model
+
+    ckpt = resolve(path)
+    info = read_info(ckpt)
+    config = ModelConfig.from_dict(info["model"])
+    config.sea.enabled = False
+    tokenizer = load_tokenizer(ckpt)
+    model, tokenizer = build_model(config, tokenizer, device=device, progress=False)
+    load_weights(model, ckpt)
+    model.eval()
+    return model, tokenizer, info

@@ -1,0 +1,289 @@
+"""``sea demo``: both training stages, end to end, on a synthetic dataset, offline, on a CPU.
+
+1. Scenes drawn with PIL: one shape (circle, square, triangle) of one of six colours, small or
+   big, at one of nine positions on a light background. Stage-1 entries caption them
+   (``"a small red circle in the top left"``); stage-2 entries ask two questions each
+   (``"What colour is the circle?"`` -> ``"red"``; shape, position, size).
+2. A word-level tokenizer over the demo's words and a SEA vocabulary of the demo's content
+   words plus wordfreq's most frequent words (each one token), a tiny random CLIP (64 px,
+   16 patches) and a tiny random Llama.
+3. Stage 1 (adapter + SEA's temperature, ``L_gen + L_align``), stage 2 (adapter + LLM, from the
+   stage-1 output), then one question answered through the same path as ``sea generate``.
+
+Everything is random at the start (no pretrained weights can be downloaded here), so the CLIP
+patch labels SEA aligns to carry no meaning; the demo shows the pipeline, its outputs and a loss
+that falls, and the stage-2 LM learns the answer vocabulary from scratch, so learning rates
+are higher than LLaVA's defaults (which assume pretrained models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (214, 39, 40),
+    "green": (44, 160, 44),
+    "blue": (31, 90, 220),
+    "yellow": (240, 200, 20),
+    "purple": (148, 70, 189),
+    "orange": (255, 127, 14),
+}
+SIZES = {"small": 0.13, "big": 0.25}  # half-width as a fraction of the image side
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+IMAGE_SIZE = 64
+PRETRAIN_PROMPT = "<image>\nDescribe the image briefly."
+SEA_WORDS = 200  # wordfreq words in the SEA vocabulary besides the demo's own
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    size: str
+    row: int
+    column: int
+
+    @property
+    def where(self) -> str:
+        """``"top left"``, ``"top"``, ``"left"``, ``"center"``, ..."""
+        row, col = ROWS[self.row], COLUMNS[self.column]
+        if row == "middle":
+            return col
+        return row if col == "center" else f"{row} {col}"
+
+    def caption(self) -> str:
+        prep = {"center": "in the", "left": "on the", "right": "on the", "top": "at the", "bottom": "at the"}.get(self.where, "in the")
+        return f"a {self.size} {self.colour} {self.shape} {prep} {self.where}"
+
+    def questions(self) -> list[tuple[str, str]]:
+        return [
+            (f"What colour is the {self.shape}?", self.colour),
+            (f"What shape is the {self.colour} object?", self.shape),
+            (f"Where is the {self.shape}?", self.where),
+            (f"Is the {self.shape} big or small?", self.size),
+        ]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return Scene(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES)), rng.randrange(3), rng.randrange(3))
+
+
+def draw(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE):
+    """The scene as a PIL image: a light, slightly varying background and the shape, jittered."""
+    from PIL import Image, ImageDraw
+
+    grey = rng.randint(205, 245)
+    image = Image.new("RGB", (size, size), (grey, grey + rng.randint(-8, 8), grey + rng.randint(-8, 8)))
+    r = SIZES[scene.size] * size
+    cx = (scene.column + 0.5) * size / 3 + rng.uniform(-2, 2)
+    cy = (scene.row + 0.5) * size / 3 + rng.uniform(-2, 2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    pen = ImageDraw.Draw(image)
+    colour = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        pen.ellipse(box, fill=colour)
+    elif scene.shape == "square":
+        pen.rectangle(box, fill=colour)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return image
+
+
+def write_dataset(folder: Path, n: int, *, seed: int = 0) -> tuple[list[Scene], Path, Path]:
+    """``n`` scenes as PNGs under ``folder/images`` plus ``pretrain.json`` and ``finetune.json``."""
+    rng = random.Random(seed)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    scenes, pretrain, finetune = [], [], []
+    for i in range(n):
+        scene = random_scene(rng)
+        name = f"scene{i:04d}.png"
+        draw(scene, rng).save(images / name)
+        scenes.append(scene)
+        pretrain.append({"id": f"pt{i}", "image": name, "conversations": [
+            {"from": "human", "value": PRETRAIN_PROMPT}, {"from": "gpt", "value": scene.caption()}]})  # fmt: skip
+        (q1, a1), (q2, a2) = rng.sample(scene.questions(), 2)
+        finetune.append({"id": f"ft{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\n" + q1}, {"from": "gpt", "value": a1},
+            {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]})  # fmt: skip
+    pt, ft = folder / "pretrain.json", folder / "finetune.json"
+    pt.write_text(json.dumps(pretrain, indent=1))
+    ft.write_text(json.dumps(finetune, indent=1))
+    return scenes, pt, ft
+
+
+def demo_texts() -> list[str]:
+    """Every text the demo's data and questions can contain."""
+    texts = [PRETRAIN_PROMPT.replace("<image>", "")]
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for size in SIZES:
+                for row in range(3):
+                    for col in range(3):
+                        s = Scene(shape, colour, size, row, col)
+                        texts.append(s.caption())
+                        texts += [q + " " + a for q, a in s.questions()]
+    return texts
+
+
+def demo_tokenizer(extra_words: list[str]):
+    """A word-level tokenizer (ChatML template, ``<|im_end|>`` as EOS) knowing every demo word
+    and ``extra_words``; each is one token, so every SEA word has a single embedding row."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import CHATML_TEMPLATE
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for text in demo_texts() + ["user assistant a"] for w, _ in pre.pre_tokenize_str(text)} | set(extra_words))
+    specials = ["<pad>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
+    hf.add_tokens(["<|im_start|>", "<|im_end|>", "<image>"], special_tokens=True)
+    hf.add_tokens([AddedToken("\n", normalized=False)])
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+def sea_words() -> list[str]:
+    """The demo's content words, then wordfreq's most frequent lower-case words."""
+    from .vocab import wordfreq_words
+
+    own = list(dict.fromkeys([*COLOURS, *SHAPES, *SIZES, *ROWS, *COLUMNS, "object", "image"]))
+    return own + [w for w in wordfreq_words(SEA_WORDS + len(own)).words if w not in own][:SEA_WORDS]
+
+
+SIZES_BY_MODE = {
+    # images, stage-1/2 (steps, global batch, lr), micro batch
+    "default": {"images": 512, "stage1": (60, 32, 1e-3), "stage2": (300, 32, 2e-3), "micro": 32},
+    "quick": {"images": 24, "stage1": (3, 8, 1e-3), "stage2": (3, 8, 3e-3), "micro": 8},
+}
+
+
+def run(
+    out: str | Path = "sea-demo",
+    *,
+    quick: bool = False,
+    device: str | None = None,
+    backend: str = "reference",
+    seed: int = 0,
+    threads: int | None = 1,
+    progress: bool = True,
+) -> dict:
+    """Build the data, train both stages, answer a question; returns the paths and the answer.
+
+    ``threads``: torch CPU threads (None: leave as is). The demo's tensors are tiny, so one thread
+    is as fast as several on an idle machine and much faster on a busy one."""
+    import torch
+
+    from . import checkpoint as ckpt
+    from .model import ModelConfig, SEAConfig, answer
+    from .tiny import tiny_clip_config, tiny_llm_config
+    from .train import DataConfig, RunConfig, TrainConfig, train
+    from .vision import VisionConfig
+
+    start = time.time()
+    sizes = SIZES_BY_MODE["quick" if quick else "default"]
+    out = Path(out)
+    for sub in ("data", "stage1", "stage2"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    # 1. data, tokenizer, vocabulary
+    print(f"sea demo: writing {sizes['images']} synthetic scenes to {out / 'data'}", flush=True)
+    scenes, pretrain_json, finetune_json = write_dataset(out / "data", sizes["images"], seed=seed)
+    words = sea_words()
+    (out / "data" / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = demo_tokenizer(words)
+    tokenizer.save_pretrained(str(out / "data" / "tokenizer"))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    # 2. tiny random models
+    model_config = ModelConfig(
+        vision=VisionConfig(
+            name="demo-clip",
+            pretrained=None,
+            model_cfg=tiny_clip_config(image_size=IMAGE_SIZE, patch_size=16, width=64, layers=2, heads=2, embed_dim=32),
+        ),
+        llm=tiny_llm_config(
+            len(tokenizer), hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
+            eos_token_id=im_end, max_position_embeddings=128,
+        ),  # fmt: skip
+        tokenizer=str(out / "data" / "tokenizer"),
+        sea=SEAConfig(words=str(out / "data" / "vocab.txt"), top_n=3, backend=backend, cache_dir=str(out / "cache")),
+    )
+    images = str(out / "data" / "images")
+    common = {"micro_batch_size": sizes["micro"], "save_every": 0, "keep_last": 1, "seed": seed, "device": device, "progress": progress}
+
+    # 3. stage 1: adapter (+ SEA's temperature) with L_gen + L_align
+    steps, batch, lr = sizes["stage1"]
+    print(f"sea demo: stage 1, {steps} steps of {batch} captions (adapter + SEA)", flush=True)
+    stage1 = train(
+        RunConfig(
+            model=model_config,
+            data=DataConfig(json_path=str(pretrain_json), image_folder=images, template="plain", max_length=64, num_workers=0),
+            train=TrainConfig(stage=1, out_dir=str(out / "stage1"), lr=lr, global_batch_size=batch, max_steps=steps, **common),
+        ),
+        tokenizer=tokenizer,
+    )
+
+    # 4. stage 2: adapter + LLM from the stage-1 output, SEA off (as in the paper)
+    steps, batch, lr = sizes["stage2"]
+    print(f"sea demo: stage 2, {steps} steps of {batch} conversations (adapter + LLM)", flush=True)
+    stage2 = train(
+        RunConfig(
+            model=dataclasses.replace(model_config, sea=dataclasses.replace(model_config.sea, enabled=False)),
+            data=DataConfig(json_path=str(finetune_json), image_folder=images, template="chat", max_length=96, num_workers=0),
+            train=TrainConfig(
+                stage=2, out_dir=str(out / "stage2"), init_from=str(out / "stage1"), lr=lr, global_batch_size=batch, max_steps=steps, **common
+            ),
+        ),
+    )
+
+    # 5. a question about a new scene, through the `sea generate` path
+    rng = random.Random(seed + 10_000)
+    scene = random_scene(rng)
+    image_path = out / "data" / "question.png"
+    draw(scene, rng).save(image_path)
+    question, truth = scene.questions()[0]
+    model, tok, _ = ckpt.load_for_inference(out / "stage2", device=device)
+    from PIL import Image
+
+    with Image.open(image_path) as im:
+        reply = answer(model, tok, question, im.convert("RGB"), template="chat", max_new_tokens=8)
+    elapsed = time.time() - start
+
+    last1, last2 = stage1.history[-1], stage2.history[-1]
+    first1, first2 = stage1.history[0], stage2.history[0]
+    print(
+        f"\nsea demo: done in {elapsed:.0f} s on {device}\n"
+        f"  data:     {out / 'data'} ({len(scenes)} scenes, pretrain.json, finetune.json, vocab.txt, tokenizer/)\n"
+        f"  stage 1:  {stage1.out_dir}  L_gen {first1['loss_gen']:.2f} -> {last1['loss_gen']:.2f}, "
+        f"L_align {first1['loss_align']:.2f} -> {last1['loss_align']:.2f}, tau {last1['tau']:.3f}\n"
+        f"            checkpoint {stage1.checkpoint}\n"
+        f"            {stage1.metrics}, {stage1.plot or '(no plot: matplotlib not installed)'}, LLaVA adapter {stage1.mm_projector}\n"
+        f"  stage 2:  {stage2.out_dir}  L_gen {first2['loss_gen']:.2f} -> {last2['loss_gen']:.2f}\n"
+        f"            checkpoint {stage2.checkpoint}\n"
+        f"            {stage2.metrics}, {stage2.plot or '(no plot: matplotlib not installed)'}\n"
+        f"  question: {question}  (image {image_path}: {scene.caption()})\n"
+        f"  answer:   {reply!r}  (truth: {truth!r})\n"
+        f"  again:    sea generate --checkpoint {out / 'stage2'} --image {image_path} --prompt \"{question}\"",
+        flush=True,
+    )
+    return {
+        "out": out, "stage1": stage1, "stage2": stage2, "question": question, "truth": truth, "answer": reply,
+        "image": image_path, "elapsed": elapsed,
+    }  # fmt: skip

@@ -1,0 +1,292 @@
+"""Trainer: configuration, data stream, exact resume, freezing, LLaVA export, stage 1 -> 2,
+checkpoint errors, and a 2-process DDP run on gloo whose SEA loss gathers across ranks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+pytest.importorskip("transformers")
+
+from sea_model import checkpoint as ckpt  # noqa: E402
+from sea_model import tiny  # noqa: E402
+from sea_model.model import build_adapter, build_model  # noqa: E402
+from sea_model.train import (  # noqa: E402
+    DataConfig,
+    RunConfig,
+    StreamSampler,
+    TrainConfig,
+    load_run_config,
+    parse_overrides,
+    train,
+)
+
+COMPARED = ("loss", "loss_gen", "loss_align", "pairs", "tau", "lr", "grad_norm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and it keeps a shared 2-core machine usable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tok = tiny.tiny_word_tokenizer()
+    names = tiny.make_images(root / "images", 10)
+    tiny.write_json(root / "pretrain.json", tiny.pretrain_entries(names))
+    tiny.write_json(root / "finetune.json", tiny.finetune_entries(names[:6]))
+    model_config = tiny.tiny_model_config(tok, cache_dir=root / "cache", backend="reference")  # no C++ build in tests
+    # adapter 32 -> 48 (in and out dims differ); dropout makes the global RNG matter for resume
+    model_config.llm.update(hidden_size=48, intermediate_size=96, attention_dropout=0.1)
+    return {"root": root, "tok": tok, "model": model_config}
+
+
+def config(setup, out, *, stage=1, **train_kw) -> RunConfig:
+    json_path = setup["root"] / ("pretrain.json" if stage == 1 else "finetune.json")
+    train_kw = {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 6, "save_every": 2, "progress": False, **train_kw}
+    return RunConfig(
+        model=copy.deepcopy(setup["model"]),
+        data=DataConfig(json_path=str(json_path), image_folder=str(setup["root"] / "images"), num_workers=0, max_length=128),
+        train=TrainConfig(stage=stage, out_dir=str(out), **train_kw),
+    )
+
+
+@pytest.fixture(scope="module")
+def stage1(setup):
+    """An uninterrupted 6-step stage-1 run (10 samples, global batch 4: steps cross epochs)."""
+    return train(config(setup, setup["root"] / "full"), tokenizer=setup["tok"])
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_file_overrides_and_stage_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  llm: {model_type: llama, hidden_size: 32}\ntrain:\n  lr: 1e-3\n  epochs: 2\n")
+    overrides = parse_overrides(
+        ["--model.sea.enabled", "false", "--train.max_steps=7", "--model.llm.hidden_size", "48", "--train.betas", "[0.9, 0.95]"]
+    )
+    cfg = load_run_config(path, overrides)
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # YAML reads "1e-3" as a string
+    assert cfg.train.epochs == 2.0 and cfg.train.max_steps == 7 and cfg.train.betas == (0.9, 0.95)
+    assert cfg.model.sea.enabled is False and cfg.model.llm == {"model_type": "llama", "hidden_size": 48}
+    one, two = cfg.resolved(), load_run_config(None, [("train.stage", "2")]).resolved()
+    assert (one.train.global_batch_size, one.train.micro_batch_size, one.data.template) == (256, 32, "plain")
+    assert (two.train.lr, two.train.global_batch_size, two.train.micro_batch_size, two.data.template) == (2e-5, 128, 16, "auto")
+    with pytest.raises(ValueError, match="unknown key train.lrr; valid keys of train: stage"):
+        load_run_config(path, [("train.lrr", "1")])
+    with pytest.raises(ValueError, match="train.max_steps: cannot read 'many'"):
+        load_run_config(path, [("train.max_steps", "many")])
+    with pytest.raises(ValueError, match="model.adapter is 'mlp2x_gelu', not a section"):
+        load_run_config(path, [("model.adapter.depth", "2")])
+
+
+def test_cli_print_config(tmp_path, capsys):
+    from sea_model import cli
+
+    assert cli.main(["train", "--stage", "2", "--print_config", "--train.lr", "3e-4", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.0003" in printed and "stage: 2" in printed and f"out_dir: {tmp_path}" in printed
+    assert cli.main(["train", "--stage", "1", "--train.nope", "1"]) == 2
+    assert "unknown key train.nope" in capsys.readouterr().err
+
+
+def test_stream_sampler_resumes_and_splits_ranks():
+    def take(sampler, k):
+        it = iter(sampler)
+        return [next(it) for _ in range(k)]
+
+    whole = sum(take(StreamSampler(10, 2, 0, 1, seed=3), 10), [])
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:]) == list(range(10))  # one permutation per epoch
+    assert whole[:10] != whole[10:]
+    assert sum(take(StreamSampler(10, 2, 0, 1, seed=3, start=6), 7), []) == whole[6:]  # continues mid-epoch and across
+    r0, r1 = take(StreamSampler(10, 2, 0, 2, seed=3), 5), take(StreamSampler(10, 2, 1, 2, seed=3), 5)
+    assert sum((a + b for a, b in zip(r0, r1)), []) == whole  # ranks interleave the same stream
+
+
+# --------------------------------------------------------------------------- training and resume
+
+
+def test_resume_after_a_crash_repeats_the_same_losses(setup, stage1, tmp_path):
+    full = stage1.history
+    assert [h["step"] for h in full] == [1, 2, 3, 4, 5, 6] and all(h["pairs"] > 0 for h in full)
+    assert len({h["loss"] for h in full}) == 6
+
+    def crash(step, metrics, model):
+        if step == 5:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config(setup, tmp_path), tokenizer=setup["tok"], callback=crash)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000004"]
+    resumed = train(config(setup, tmp_path, resume="latest"))  # tokenizer from the checkpoint
+    assert [h["step"] for h in resumed.history] == [5, 6]
+    for mine, ref in zip(resumed.history, full[4:]):
+        assert {k: mine[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
+    # the metrics file holds each step once, equal to the uninterrupted run's
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in COMPARED} for r in rows] == [{k: h[k] for k in COMPARED} for h in full]
+    # and the final checkpoints agree: weights and optimizer state
+    a, b = stage1.checkpoint, resumed.checkpoint
+    assert a.name == b.name == "checkpoint-0000006"
+    wa, wb = ckpt._read_weights(a / ckpt.WEIGHTS), ckpt._read_weights(b / ckpt.WEIGHTS)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = ckpt._torch_load(a / ckpt.OPTIMIZER), ckpt._torch_load(b / ckpt.OPTIMIZER)
+    assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
+    assert ckpt.resolve("latest", tmp_path) == b and ckpt.resolve(tmp_path) == b
+
+
+def test_resume_and_init_from_take_their_configuration_from_the_checkpoint(stage1, tmp_path):
+    saved = ckpt.read_info(stage1.checkpoint)
+    cfg = load_run_config(None, [("train.resume", str(stage1.checkpoint)), ("train.lr", "5e-4")])
+    assert cfg.model.to_dict() == saved["model"] and cfg.data.json_path == saved["run"]["data"]["json_path"]
+    assert cfg.train.max_steps == 6 and cfg.train.lr == 5e-4  # the saved run, then the command line
+    copied = tmp_path / stage1.checkpoint.name
+    shutil.copytree(stage1.checkpoint, copied)
+    saved["run"]["train"]["stop_after"] = 3  # how that run was invoked is not inherited
+    (copied / ckpt.CONFIG).write_text(json.dumps(saved))
+    assert load_run_config(None, [("train.resume", str(copied))]).train.stop_after is None
+    two = load_run_config(None, [("train.stage", "2"), ("train.init_from", str(stage1.out_dir))])
+    assert two.model.to_dict() == saved["model"] and two.train.max_steps is None and two.data.json_path is None
+
+
+def test_stage1_changes_only_adapter_and_temperature(setup, stage1):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # train.seed: the same random initialisation
+        before, _ = build_model(copy.deepcopy(setup["model"]), setup["tok"], progress=False)
+    after = stage1.model
+    for part in ("llm", "tower"):
+        sa, sb = getattr(before, part).state_dict(), getattr(after, part).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
+    assert not torch.equal(before.adapter[0].weight, after.adapter[0].weight)
+    assert before.sea.log_scale.item() != after.sea.log_scale.item()
+    # Saved: trainable parts, plus the random LLM and tower (they cannot be rebuilt from a hub name).
+    names = ckpt.saved_parameter_names(after)
+    assert {n.split(".")[0] for n in names} == {"adapter", "sea", "llm", "tower"}
+    pretrained = copy.copy(after)
+    pretrained.model_config = copy.deepcopy(after.model_config)
+    pretrained.model_config.llm, pretrained.model_config.vision.pretrained = "lmsys/vicuna-7b-v1.5", "openai"
+    assert sorted(ckpt.saved_parameter_names(pretrained)) == sorted(["sea.log_scale"] + [f"adapter.{k}" for k in after.adapter.state_dict()])
+
+
+def test_mm_projector_has_llava_names_and_shapes(stage1):
+    sd = torch.load(stage1.mm_projector, map_location="cpu", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "model.mm_projector.0.weight": (48, 32),
+        "model.mm_projector.0.bias": (48,),
+        "model.mm_projector.2.weight": (48, 48),
+        "model.mm_projector.2.bias": (48,),
+    }
+    adapter = stage1.model.adapter
+    assert all(torch.equal(sd[f"model.mm_projector.{k}"], v) for k, v in adapter.state_dict().items())
+    # LLaVA's --pretrain_mm_mlp_adapter: keys after 'mm_projector.' into its mlp2x_gelu Sequential
+    llava = build_adapter("mlp2x_gelu", 32, 48)
+    llava.load_state_dict({k.split("mm_projector.")[1]: v for k, v in sd.items() if "mm_projector" in k})
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(llava(x), adapter(x), rtol=0, atol=0)
+
+
+def test_stage2_starts_from_the_stage1_output(setup, stage1, tmp_path):
+    start = {}
+
+    def record(step, metrics, model):
+        if step == 1:  # warmup: the first step runs at lr 0, so weights are still the loaded ones
+            assert metrics["lr"] == 0.0
+            start.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("adapter.", "llm."))})
+
+    cfg = config(setup, tmp_path, stage=2, init_from=str(stage1.out_dir), max_steps=3, save_every=0)
+    cfg.model.sea.enabled = False  # as in the paper: SEA in stage 1 only
+    result = train(cfg, callback=record)
+    final = stage1.model.state_dict()
+    assert start and all(torch.equal(start[k], final[k]) for k in start)  # adapter and LLM came from stage 1
+    trained = result.model.state_dict()
+    assert not torch.equal(trained["llm.model.layers.0.mlp.up_proj.weight"], final["llm.model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.equal(trained[k], final[k]) for k in final if k.startswith("tower."))
+    info = ckpt.read_info(result.checkpoint)
+    assert info["stage"] == 2 and not (result.checkpoint / ckpt.MM_PROJECTOR).exists()
+    assert all(h["loss_align"] is None and h["pairs"] == 0 for h in result.history)
+
+
+def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
+    good = stage1.checkpoint
+    bad = tmp_path / "checkpoint-0000006"
+    shutil.copytree(good, bad)
+    weights = (bad / ckpt.WEIGHTS).read_bytes()
+    (bad / ckpt.WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: not a readable safetensors file .*truncated"):
+        train(config(setup, tmp_path / "again", resume=str(bad)))
+    optimizer = (bad / ckpt.OPTIMIZER).read_bytes()
+    (bad / ckpt.OPTIMIZER).write_bytes(optimizer[:100])
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.pt: cannot be read"):
+        ckpt._torch_load(bad / ckpt.OPTIMIZER)
+    torch.save({"state": shutil.Error("an arbitrary object")}, bad / ckpt.OPTIMIZER)  # never unpickled
+    with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.pt: cannot be read as tensors and plain data"):
+        ckpt._torch_load(bad / ckpt.OPTIMIZER)
+    (bad / ckpt.CONFIG).write_text('{"format": "sea-checkpoint", "version": 1, "sta')
+    with pytest.raises(ckpt.CheckpointError, match=r"config\.json: not valid JSON"):
+        ckpt.read_info(bad)
+    foreign = tmp_path / "hf-model"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ckpt.CheckpointError, match=r"hf-model/config\.json: not a sea checkpoint \(format None"):
+        ckpt.read_info(foreign)
+    from safetensors.torch import save_file
+
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(foreign / ckpt.WEIGHTS))
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: not a sea checkpoint's weights"):
+        ckpt.load_weights(stage1.model, foreign)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match=r"empty: not a sea checkpoint \(no config\.json\) and no checkpoint-\* directories"):
+        ckpt.resolve(tmp_path / "empty")
+    with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
+        train(config(setup, stage1.out_dir))
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _ddp_worker(rank, init_file, cfg_dict, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    start = {}
+
+    def record(step, metrics, model):
+        if step == 1:  # the first step runs at lr 0 (warmup): the initial adapter
+            start.update({k: v.detach().clone() for k, v in model.adapter.state_dict().items()})
+
+    try:
+        result = train(RunConfig.from_dict(cfg_dict), tokenizer=tiny.tiny_word_tokenizer(), callback=record)
+        adapter = {k: v.detach().clone() for k, v in result.model.adapter.state_dict().items()}
+        log_scale = result.model.sea.log_scale.detach().clone()
+        torch.save({"history": result.history, "start": start, "adapter": adapter, "log_scale": log_scale}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_sea_negatives_and_weights(setup, tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = config(setup, tmp_path / "run", max_steps=3, save_every=0)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for a, b in zip(r0["history"], r1["history"]):
+        assert a["loss_align"] == b["loss_align"] and a["loss"] == b["loss"] and a["pairs"] == b["pairs"]
+        assert a["pairs"] == a["pairs_local"] + b["pairs_local"] and min(a["pairs_local"], b["pairs_local"]) > 0
+    assert len(r0["history"]) == 3
+    assert r0["adapter"].keys() == r1["adapter"].keys() and all(torch.equal(r0["adapter"][k], r1["adapter"][k]) for k in r0["adapter"])
+    assert torch.equal(r0["log_scale"], r1["log_scale"])
+    assert r0["history"][0]["lr"] == 0.0 and torch.equal(r0["start"]["0.weight"], r1["start"]["0.weight"])
+    assert not torch.equal(r0["start"]["0.weight"], r0["adapter"]["0.weight"])  # and it trained
+    final = ckpt.list_checkpoints(tmp_path / "run")[-1]
+    assert final.name == "checkpoint-0000003" and {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in final.iterdir()}
