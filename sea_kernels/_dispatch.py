@@ -37,6 +37,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "contrastive_loss": {
         "reference": "sea_kernels.contrastive:contrastive_loss_reference",
         "triton": "sea_kernels.triton.contrastive:contrastive_loss",
+        "cpu": "sea_kernels.cpu.contrastive:contrastive_loss",
     },
 }
 
