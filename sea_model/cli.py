@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sea-demo", help="output directory (default ./sea-demo)")
     p.add_argument("--quick", action="store_true", help="a few steps only (seconds; for tests)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", default="reference", choices=["auto", "reference", "triton", "cpu"], help="SEA kernel backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cpu"], help="SEA kernel backend (auto: fused kernels; the cpu ones are compiled on first use)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_demo)

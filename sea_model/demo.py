@@ -176,7 +176,7 @@ def run(
     *,
     quick: bool = False,
     device: str | None = None,
-    backend: str = "reference",
+    backend: str = "auto",
     seed: int = 0,
     threads: int | None = 1,
     progress: bool = True,
