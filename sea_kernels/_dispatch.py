@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import os
 import warnings
 from functools import lru_cache
@@ -158,8 +159,9 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    value = int(value)
     if value < low or (high is not None and value > high):
         expected = f"{low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be in {expected}; got {value}")

@@ -49,8 +49,8 @@ class SEAAlignmentLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        D.check_int("top_n", top_n, 1)
-        D.check_int("window", window, 1)
+        top_n = D.check_int("top_n", top_n, 1)
+        window = D.check_int("window", window, 1)
         if not (max_scale > 0 and math.isfinite(max_scale)):
             raise ValueError(f"max_scale must be positive and finite; got {max_scale}")
         if backend not in D.BACKENDS:

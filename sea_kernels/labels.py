@@ -69,7 +69,7 @@ def cosine_topk(patches, vocab, k=10, *, negate=False, backend="auto", validate=
     D.check_tensor("vocab", vocab, ndim=2)
     device = D.check_same_device(patches=patches, vocab=vocab)
     D.check_feature_dims("patches", patches, "vocab", vocab)
-    D.check_int("k", k, 1, vocab.shape[0])
+    k = D.check_int("k", k, 1, vocab.shape[0])
     if not isinstance(negate, bool):
         raise TypeError(f"negate must be a bool; got {type(negate).__name__}")
     if validate:
@@ -121,8 +121,8 @@ def patch_labels(
     device = D.check_same_device(patches=patches, vocab=vocab)
     D.check_feature_dims("patches", patches, "vocab", vocab)
     hw = D.resolve_grid(grid, patches.shape[1])
-    D.check_int("top_n", top_n, 1, vocab.shape[0])
-    D.check_int("window", window, 1)
+    top_n = D.check_int("top_n", top_n, 1, vocab.shape[0])
+    window = D.check_int("window", window, 1)
     if not isinstance(negate, bool):
         raise TypeError(f"negate must be a bool; got {type(negate).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):

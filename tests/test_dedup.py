@@ -89,3 +89,23 @@ def test_word_embeddings_custom_pad_and_errors():
         word_embeddings(torch.tensor([0]), torch.tensor([[1.0]]), weight)
     with pytest.raises(ValueError, match="weight"):
         word_embeddings(torch.tensor([0]), token_ids, torch.randn(6))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 6), st.booleans(), st.floats(0, 1, allow_nan=False)), max_size=40))
+def test_dedup_properties(entries):
+    """Kept entries are valid, their labels distinct, and every valid label is kept once at its best priority."""
+    labels = torch.tensor([e[0] for e in entries], dtype=torch.int64)
+    valid = torch.tensor([e[1] for e in entries], dtype=torch.bool)
+    priority = torch.tensor([e[2] for e in entries], dtype=torch.float64)
+    keep = dedup_labels(labels, valid=valid, priority=priority)
+    kept = labels[keep].tolist()
+    assert not (keep & ~valid).any()
+    assert len(kept) == len(set(kept)) == len(set(labels[valid].tolist()))
+    for i in keep.nonzero().flatten().tolist():
+        rivals = (labels == labels[i]) & valid
+        assert priority[i] == priority[rivals].min()
+        assert i == int(((priority == priority[i]) & rivals).nonzero()[0])  # ties: the first index

@@ -69,3 +69,12 @@ def test_auto_resolves_to_an_existing_backend():
         fn = _dispatch.resolve(op, "auto", torch.device("cpu"))
         assert callable(fn)
         assert "reference" in _dispatch.available_backends(op, "cpu")
+
+
+def test_integer_like_arguments_are_accepted():
+    import numpy as np
+
+    a = cosine_topk(torch.randn(3, 8), torch.randn(5, 8), np.int64(2), backend="reference")
+    assert a.values.shape == (3, 2)
+    b = patch_labels(P, V, top_n=np.int32(3), window=np.int64(2), grid=(np.int64(4), 4), backend="reference")
+    assert b.patch.shape == (2, 4)
