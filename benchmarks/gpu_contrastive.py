@@ -1,6 +1,6 @@
 """GPU benchmark of ``contrastive_loss``: triton against reference (accuracy, time, peak memory).
 
-    python benchmarks/gpu_contrastive.py OUTDIR [--quick]
+    python benchmarks/gpu_contrastive.py OUTDIR [--quick] [--check-only]
 
 1. Accuracy at N = 4608, D = 4096, bfloat16 inputs, scale 1/0.07: the loss and the gradients of x, t
    and scale of both backends against the reference run on float64 copies (max abs error).
@@ -11,7 +11,8 @@
    recompute, and the two gradient products. Extra peak memory of one call is
    ``torch.cuda.max_memory_allocated`` above the inputs.
 
-Prints a table and writes ``OUTDIR/contrastive.json``. The first triton call of each shape includes
+``--check-only``: step 1 only (``sea bench --device cuda`` times the loss). Prints a table and writes
+``OUTDIR/contrastive.json``. The first triton call of each shape includes
 autotuning, which do_bench's warm-up absorbs. About 2-3 minutes on an H100.
 """
 
@@ -71,7 +72,7 @@ def _time(fn, *args):
 
 
 def _peak(fn, *args):
-    from benchmarks._peak import cuda_extra_peak_bytes
+    from sea_model.bench.memory import cuda_extra_peak_bytes
 
     return cuda_extra_peak_bytes(fn, *args)
 
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir")
     ap.add_argument("--quick", action="store_true", help="N = 4608 only")
+    ap.add_argument("--check-only", action="store_true", help="the accuracy check only; no timings")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -146,9 +148,10 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
 
     save()
-    ns = [4608] if args.quick else [4608, 16384, 32768]
+    ns = [] if args.check_only else [4608] if args.quick else [4608, 16384, 32768]
     rows = result["timing"] = []
-    print("\n     N     D   triton ms  reference ms  4-matmul floor ms  triton/floor  speedup  triton MiB  reference MiB")
+    if ns:
+        print("\n     N     D   triton ms  reference ms  4-matmul floor ms  triton/floor  speedup  triton MiB  reference MiB")
     for n in ns:
         for d in (512, 4096):
             r = timing(n, d)

@@ -1,13 +1,14 @@
 """GPU benchmark of the Triton ``cosine_topk`` / ``patch_labels`` against the reference.
 
-Usage: ``python benchmarks/gpu_labels.py OUTDIR [--quick] [--dtypes bf16,fp16]``
+Usage: ``python benchmarks/gpu_labels.py OUTDIR [--quick] [--check-only] [--dtypes bf16,fp16]``
 
 Full size: ``M = 18,432`` patches (32 images of 24 x 24), ``q = 41,242`` words, ``d = 768``
 (``--quick``: 512 x 4,099 x 256). Per dtype it compiles (autotunes) the kernels, checks them
 against the reference (index agreement, and the float64 score gap of the disagreeing indices,
 which are near-ties; value error; patch_labels agreement with the same uniforms), then times with
 ``triton.testing.do_bench`` the Triton ops, the reference ops and a plain ``torch.mm`` of the same
-shape in that dtype, and measures the extra peak memory of each call. Prints a table and writes
+shape in that dtype, and measures the extra peak memory of each call (``--check-only``: compile and
+check only; ``sea bench --device cuda`` times the same ops). Prints a table and writes
 ``OUTDIR/labels.json``. Needs a CUDA GPU; about a minute on an H100, most of it compiling
 and autotuning (3 configs x 2 kernels x 2 dtypes).
 """
@@ -60,10 +61,10 @@ def check(sk, patches, vocab, flat, u, grid) -> dict:
     return out
 
 
-def run_dtype(sk, name: str, sizes: dict, rows: list, quick: bool) -> dict:
+def run_dtype(sk, name: str, sizes: dict, rows: list, quick: bool, check_only: bool = False) -> dict:
     from triton.testing import do_bench
 
-    from benchmarks._peak import cuda_extra_peak_bytes
+    from sea_model.bench.memory import cuda_extra_peak_bytes
 
     dtype = DTYPES[name]
     b, h, w, q, d = sizes["b"], sizes["h"], sizes["w"], sizes["q"], sizes["d"]
@@ -88,6 +89,8 @@ def run_dtype(sk, name: str, sizes: dict, rows: list, quick: bool) -> dict:
     torch.cuda.synchronize()
     compile_s = time.time() - t0
     checks = check(sk, patches, vocab, flat, u, (h, w))
+    if check_only:
+        return dict(dtype=name, m=m, q=q, d=d, compile_and_autotune_s=compile_s, checks=checks)
 
     calls = {
         ("cosine_topk", "triton"): topk("triton"),
@@ -115,6 +118,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    parser.add_argument("--check-only", action="store_true", help="compile and check; no timings")
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated, of bf16, fp16, fp32")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -132,10 +136,11 @@ def main(argv=None) -> int:
     sizes = QUICK if args.quick else FULL
     rows, per_dtype = [], []
     for name in args.dtypes.split(","):
-        per_dtype.append(run_dtype(sk, name.strip(), sizes, rows, args.quick))
+        per_dtype.append(run_dtype(sk, name.strip(), sizes, rows, args.quick, args.check_only))
         print(json.dumps(per_dtype[-1], indent=1), flush=True)
 
-    print(f"\n{'dtype':5} {'op':13} {'backend':15} {'ms':>9} {'TFLOP/s':>8} {'extra peak MiB':>15}")
+    if rows:
+        print(f"\n{'dtype':5} {'op':13} {'backend':15} {'ms':>9} {'TFLOP/s':>8} {'extra peak MiB':>15}")
     for r in rows:
         ms = f"{r['ms']:9.3f}" if r["ms"] is not None else f"{'OOM':>9}"
         tf = f"{r['tflops']:8.1f}" if r["tflops"] is not None else f"{'-':>8}"

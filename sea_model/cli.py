@@ -5,6 +5,8 @@
   (see :mod:`sea_model.train` for the configuration and the override syntax).
 * ``sea generate --checkpoint DIR --image IMG --prompt TEXT``: answer with a trained model.
 * ``sea selfcheck``: run every op with every available backend.
+* ``sea bench [--ops topk,labels,loss,stage1] [--sizes quick|full] [--device cpu|cuda] [--out DIR]``:
+  benchmarks against the reference (see :mod:`sea_model.bench`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def _selfcheck(args: argparse.Namespace) -> int:
     ]
     if missing:
         print("not run on this device: " + ", ".join(missing) + " (triton needs CUDA, or --interpret on CPU)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    try:
+        run(ops, args.sizes, args.device, args.out, threads=args.threads or None, memory=not args.no_memory,
+            progress=not args.no_progress)  # fmt: skip
+    except (ValueError, RuntimeError) as err:  # an unknown op, no CUDA: one clear line
+        print(f"sea bench: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -167,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["small", "full"], default="small")
     p.add_argument("--interpret", action="store_true", help="run Triton kernels on CPU with TRITON_INTERPRET=1 (slow)")
     p.set_defaults(func=_selfcheck)
+
+    p = sub.add_parser(
+        "bench",
+        help="time and peak memory of every op and backend against the reference, and SEA's share of a Stage-1 step",
+        description="Median time (and interquartile range) after warm-up, extra peak memory, ratio to the reference "
+        "(SEA off for stage1) and, on a GPU, TFLOP/s and its share of a plain matmul of the same shape. Writes "
+        "OUT/bench.json (with machine, versions, git revision), OUT/table.md and one OUT/<op>.png per op.",
+    )
+    p.add_argument("--ops", default="topk,labels,loss,stage1", help="comma-separated, of topk, labels, loss, stage1 (default: all)")
+    p.add_argument("--sizes", choices=["quick", "full"], default="quick", help="quick: minutes on a 2-core CPU; full: the paper's shapes")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", default="sea-bench", help="output directory (default ./sea-bench)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
     return parser
 
 
