@@ -58,6 +58,7 @@ class SEAAlignmentLoss(nn.Module):
         self.top_n, self.window, self.negate, self.dedup = top_n, window, negate, dedup
         self.max_scale, self.backend = float(max_scale), backend
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        self._checked_vocabulary = None
 
     def extra_repr(self) -> str:
         return (
@@ -96,6 +97,8 @@ class SEAAlignmentLoss(nn.Module):
                 f"{vocab_features.shape[0]} rows expected, got {word_token_ids.shape[0]}"
             )
 
+        D.check_finite("patch_features", patch_features)
+        self._check_vocabulary(vocab_features)
         with torch.no_grad():
             labels = patch_labels(
                 patch_features.detach(),
@@ -106,6 +109,7 @@ class SEAAlignmentLoss(nn.Module):
                 negate=self.negate,
                 generator=generator,
                 backend=self.backend,
+                validate=False,  # checked above; the vocabulary once per version
             )
             keep = self._keep(labels, generator, group)
 
@@ -123,6 +127,15 @@ class SEAAlignmentLoss(nn.Module):
         t = word_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
         loss = contrastive_loss(x, t, scale, group=group, backend=self.backend)
         return SEAAlignmentOutput(loss, pairs, scale.detach(), labels, keep)
+
+    def _check_vocabulary(self, vocab_features) -> None:
+        """Finiteness of the (constant) vocabulary features, checked again only when they change."""
+        D.check_tensor("vocab_features", vocab_features, ndim=2)
+        key = (vocab_features.data_ptr(), vocab_features._version, tuple(vocab_features.shape),
+               vocab_features.dtype, vocab_features.device)
+        if key != self._checked_vocabulary:
+            D.check_finite("vocab_features", vocab_features)
+            self._checked_vocabulary = key
 
     def _keep(self, labels: PatchLabels, generator, group) -> torch.Tensor:
         """Windows whose pair enters the loss: valid ones, one per distinct label when ``dedup``."""

@@ -114,3 +114,17 @@ def test_loss_falls_when_training_a_linear_adapter():
         opt.step()
         losses.append(out.loss.item())
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_non_finite_inputs_are_refused_even_after_a_good_call():
+    pf, vf, ids, weight = batch(seed=4)
+    module = SEAAlignmentLoss(backend="reference")
+    visual = torch.randn(3, 36, 24)
+    module(visual, pf, vf, ids, weight)
+    vf[3, 2] = float("nan")  # in place: a new version of the same tensor
+    with pytest.raises(ValueError, match="vocab_features must be finite"):
+        module(visual, pf, vf, ids, weight)
+    bad = pf.clone()
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="patch_features must be finite"):
+        module(visual, bad, torch.randn(40, 16), ids, weight)

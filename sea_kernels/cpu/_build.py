@@ -35,6 +35,7 @@ def load_extension(name: str):
     key = hashlib.sha256(
         code + torch.__version__.encode() + platform.machine().encode() + platform.python_version().encode()
         + _cpu_flags().encode()  # built with -march=native: one build per instruction set
+        + torch.__file__.encode()  # one build per installation (include paths differ between venvs)
     ).hexdigest()[:16]
     build_dir = cache_root() / f"{name}_{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
