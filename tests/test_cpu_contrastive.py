@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sea_kernels
 from sea_kernels.cpu import contrastive as C
+from sea_kernels.cpu import _build
 from sea_kernels.cpu._build import load_extension
 from tests._checks import assert_as_accurate_as_reference
 
@@ -28,7 +29,7 @@ def path(request, monkeypatch):
         if load_extension("contrastive") is None:
             pytest.skip("the C++ contrastive kernels cannot be built here")
     else:
-        monkeypatch.setattr(C, "load_extension", lambda name: None)
+        monkeypatch.setattr(_build, "load_extension", lambda name: None)
     return request.param
 
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import sea_kernels.labels as labels
 from sea_kernels import _dispatch as D
 from sea_kernels.cpu import labels as cpu_labels
+from sea_kernels.cpu import _build
+from sea_kernels.cpu._build import load_extension
 from tests._checks import assert_as_accurate_as_reference
 
 TOL = 1e-5  # near-tie / CDF-boundary slack on cosine scores (the paths differ by a few float32 ulps)
@@ -16,7 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def _have_cpp() -> bool:
-    return cpu_labels._extension() is not None
+    return load_extension("labels") is not None
 
 
 PATHS = [
@@ -249,7 +251,7 @@ def test_patch_labels_windows(path, grid, window):
 def test_sampling_epilogue_is_exact():
     """The C++ epilogue equals sample_windows bit for bit on the same scores, at CDF and rank boundaries too."""
     _use_cpp("cpp")
-    ext = cpu_labels._extension()
+    ext = load_extension("labels")
     g = torch.Generator().manual_seed(11)
     grid, window, n = (5, 6), 2, 6
     nw = labels.num_windows(grid, window)
@@ -294,7 +296,7 @@ def test_backend_falls_back_without_the_extension(monkeypatch):
         calls.append(1)
         return chunked(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_labels, "_extension", lambda: None)
+    monkeypatch.setattr(_build, "load_extension", lambda name: None)
     monkeypatch.setattr(cpu_labels, "cosine_topk_chunked", spy)
     patches, vocab, u = labels_inputs(2, (3, 5), 100, 16, torch.float32, False, seed=2)
     got = cpu_labels.patch_labels(patches, vocab, (3, 5), 4, 2, False, u)

@@ -58,6 +58,17 @@ def load_extension(name: str):
         return None
 
 
+def choose_extension(name: str, use_cpp: bool | None):
+    """The extension for a call: ``None`` -> the extension when it builds (else None, the PyTorch
+    path), ``False`` -> None, ``True`` -> the extension or ``RuntimeError``."""
+    if use_cpp is False:
+        return None
+    ext = load_extension(name)
+    if ext is None and use_cpp:
+        raise RuntimeError(f"the C++ '{name}' kernels are not available")
+    return ext
+
+
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ._build import load_extension
+from ._build import choose_extension
 
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 DEFAULT_TILE: int | None = None  # None: auto_tile(); tests set small tiles here
@@ -58,11 +58,7 @@ def contrastive_loss(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, *, t
     ``auto_tile``). ``use_cpp``: ``None`` uses the C++ kernels when they build, ``False`` forces the
     PyTorch path, ``True`` requires the C++ kernels.
     """
-    ext = None
-    if use_cpp is None or use_cpp:
-        ext = load_extension("contrastive")
-        if ext is None and use_cpp:
-            raise RuntimeError("the C++ contrastive kernels are not available")
+    ext = choose_extension("contrastive", use_cpp)
     if tile is None:
         tile = DEFAULT_TILE
     if tile is None:

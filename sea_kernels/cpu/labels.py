@@ -17,15 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import PatchLabels, TopK, compute_dtype, sample_windows
-from ._build import load_extension
+from ._build import choose_extension
 
 # Chunked fallback: vocabulary rows per chunk, and a cap on the elements of one score block.
 FALLBACK_TILE = 2048
 FALLBACK_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 scores
-
-
-def _extension():
-    return load_extension("labels")
 
 
 def cosine_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool) -> TopK:
@@ -47,9 +43,7 @@ def cosine_topk_impl(
     use_cpp: bool | None = None,
 ) -> TopK:
     """``(values f32 (M, k), indices i64 (M, k))``; ``tile`` vocabulary rows and ``row_block`` patch rows per step."""
-    ext = _extension() if use_cpp is not False else None
-    if use_cpp and ext is None:
-        raise RuntimeError("the C++ labels extension is not available")
+    ext = choose_extension("labels", use_cpp)
     if ext is not None:
         values, indices = ext.cosine_topk(patches, vocab, k, negate, tile or 0, row_block or 0)
         return TopK(values, indices)
@@ -69,9 +63,7 @@ def patch_labels_impl(
     row_block: int | None = None,
     use_cpp: bool | None = None,
 ) -> PatchLabels:
-    ext = _extension() if use_cpp is not False else None
-    if use_cpp and ext is None:
-        raise RuntimeError("the C++ labels extension is not available")
+    ext = choose_extension("labels", use_cpp)
     h, w = grid
     if ext is not None:
         return PatchLabels(
