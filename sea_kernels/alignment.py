@@ -117,7 +117,7 @@ class SEAAlignmentLoss(nn.Module):
         pairs = int(keep.sum())
         if group is not None:
             pairs = sum(_distributed.gather_sizes(pairs, group, keep.device))
-        scale = self.log_scale.exp().clamp(max=self.max_scale)
+        scale = self.scale()
         if pairs == 0:
             # Zero connected to the graph: backward runs and gives zero gradients.
             loss = visual_tokens.sum() * 0.0 + scale * 0.0
@@ -127,6 +127,10 @@ class SEAAlignmentLoss(nn.Module):
         t = word_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
         loss = contrastive_loss(x, t, scale, group=group, backend=self.backend)
         return SEAAlignmentOutput(loss, pairs, scale.detach(), labels, keep)
+
+    def scale(self) -> torch.Tensor:
+        """``1 / tau = exp(log_scale)``, clamped to ``max_scale`` (differentiable)."""
+        return self.log_scale.exp().clamp(max=self.max_scale)
 
     def _check_vocabulary(self, vocab_features) -> None:
         """Finiteness of the (constant) vocabulary features, checked again only when they change."""

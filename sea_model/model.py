@@ -289,7 +289,7 @@ class SEAModel(nn.Module):
         if self.sea is not None:
             if visual is None:
                 loss_align = self.sea.log_scale * 0.0
-                temperature = float(1.0 / self.sea.log_scale.detach().exp().clamp(max=self.sea.max_scale))
+                temperature = float(1.0 / self.sea.scale().detach())
             else:
                 align = self.sea(
                     visual,
