@@ -44,9 +44,12 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.sizes[rank]], None, None
 
 
-def gather_rows(x: torch.Tensor, group, *, with_grad: bool = True) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along dim 0 (rank order); ``x.shape[1:]`` must agree."""
-    sizes = gather_sizes(x.shape[0], group, x.device)
+def gather_rows(x: torch.Tensor, group, *, with_grad: bool = True, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (rank order); ``x.shape[1:]`` must agree.
+
+    ``sizes``: every rank's row count when the caller already has it (``gather_sizes``)."""
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], group, x.device)
     if with_grad and x.requires_grad:
         return _GatherRows.apply(x, sizes, group)
     return _gather_padded(x.detach(), sizes, group)

@@ -151,10 +151,11 @@ class SEAAlignmentLoss(nn.Module):
             keep = dedup_labels(flat_label, valid=flat_valid, priority=priority)
             return keep.view_as(labels.valid)
         # Dedup over every rank's windows at once; each rank keeps its own slice of the result.
+        sizes = _distributed.gather_sizes(flat_label.shape[0], group, flat_label.device)
         gathered = [
-            _distributed.gather_rows(v, group, with_grad=False) for v in (flat_label, flat_valid.long(), priority)
+            _distributed.gather_rows(v, group, with_grad=False, sizes=sizes)
+            for v in (flat_label, flat_valid.long(), priority)
         ]
         keep = dedup_labels(gathered[0], valid=gathered[1].bool(), priority=gathered[2])
-        sizes = _distributed.gather_sizes(flat_label.shape[0], group, flat_label.device)
         start = sum(sizes[: torch.distributed.get_rank(group)])
         return keep[start : start + flat_label.shape[0]].view_as(labels.valid)

@@ -40,8 +40,9 @@ def contrastive_loss(x, t, scale, *, group=None, backend="auto", validate=True) 
     impl = D.resolve("contrastive_loss", backend, device)
     if group is not None:
         _distributed.check_same_across_ranks("the feature dimension D of x and t", (x.shape[1],), group, device)
-        x = _distributed.gather_rows(x, group)
-        t = _distributed.gather_rows(t, group)
+        sizes = _distributed.gather_sizes(x.shape[0], group, device)  # x and t have the same rows
+        x = _distributed.gather_rows(x, group, sizes=sizes)
+        t = _distributed.gather_rows(t, group, sizes=sizes)
     if x.shape[0] == 0:
         where = "on any rank" if group is not None else ""
         raise ValueError(f"x and t must have at least one row {where}".rstrip())
