@@ -250,7 +250,7 @@ class SEAModel(nn.Module):
         embeds = emb(input_ids.masked_fill(is_img, 0))  # <image> ids may lie beyond the table
         if images is None:
             return embeds, is_img, None, None
-        out = self.tower(images)
+        out = self.tower(images, joint_space=self.sea is not None)  # patch features only for SEA
         param = next(self.adapter.parameters(), None)
         visual = self.adapter(out.hidden.to(param.dtype if param is not None else out.hidden.dtype))
         embeds = embeds.masked_scatter(is_img.unsqueeze(-1), visual.to(embeds.dtype))

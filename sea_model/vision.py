@@ -80,8 +80,9 @@ class VisionConfig:
 
 class TowerOutput(NamedTuple):
     hidden: torch.Tensor  # (B, P, C): layer `select_layer`, CLS dropped (adapter input)
-    patch_features: torch.Tensor  # (B, P, d): joint-space patch features (for labels)
-    pooled: torch.Tensor  # (B, d): the tower's pooled embedding (= encode_image)
+    patch_features: torch.Tensor | None  # (B, P, d): joint-space patch features (for labels)
+    pooled: torch.Tensor | None  # (B, d): the tower's pooled embedding (= encode_image)
+    # (the last two are None from ``forward(..., joint_space=False)``)
     grid: tuple[int, int]  # (H, W), H * W == P
 
 
@@ -318,21 +319,23 @@ class VisionTower(nn.Module):
     def _param(self) -> torch.Tensor:
         return next(self.visual.parameters())
 
-    def _run(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass: (layer ``select_layer`` patch tokens, last-layer tokens before the head)."""
+    def _run(self, pixel_values: torch.Tensor, stop_early: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass: (layer ``select_layer`` patch tokens, last-layer tokens before the head);
+        with ``stop_early`` the blocks after ``select_layer`` are skipped and the second is None."""
         if self.kind == "clip":
             v = self.visual
             x = v._embeds(pixel_values)  # conv1, CLS, positions, (no) patch dropout, ln_pre
             if self.layer == 0:
-                final, selected = v.transformer(x), x
+                final, selected = (None if stop_early else v.transformer(x)), x
             else:
-                final, inter = v.transformer.forward_intermediates(x, indices=[self.layer - 1])
+                final, inter = v.transformer.forward_intermediates(x, indices=[self.layer - 1], stop_early=stop_early)
                 selected = inter[0]
-            return selected[:, 1:], final
+            return selected[:, 1:], (None if stop_early else final)
         final, inter = self.visual.trunk.forward_intermediates(
-            pixel_values, indices=[self.layer - 1], output_fmt="NLC", norm=False
+            pixel_values, indices=[self.layer - 1], output_fmt="NLC", norm=False, stop_early=stop_early
         )
-        return inter[0], final  # no prefix tokens; `final` went through the trunk's final norm
+        # no prefix tokens; `final` went through the trunk's final norm
+        return inter[0], (None if stop_early else final)
 
     def _pooled_and_patches(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "clip":
@@ -352,13 +355,15 @@ class VisionTower(nn.Module):
         patches = v.head(v.trunk.forward_head(final.reshape(B * P, 1, C))).reshape(B, P, -1)
         return pooled, patches
 
-    def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
+    def forward(self, pixel_values: torch.Tensor, *, joint_space: bool = True) -> TowerOutput:
+        """``joint_space=False``: the adapter input only (``patch_features`` and ``pooled`` None), and
+        the blocks after ``select_layer`` are not run: what a model without SEA needs."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}); got {tuple(pixel_values.shape)}"
             )
         pixel_values = pixel_values.to(device=self._param().device, dtype=self._param().dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            hidden, final = self._run(pixel_values)
-            pooled, patches = self._pooled_and_patches(final)
+            hidden, final = self._run(pixel_values, stop_early=not joint_space)
+            pooled, patches = self._pooled_and_patches(final) if joint_space else (None, None)
         return TowerOutput(hidden, patches, pooled, self.grid)

@@ -49,6 +49,9 @@ def test_hidden_is_the_selected_layer_without_cls(clip, images, select_layer, bl
     tower = VisionTower(clip.model.visual, clip.preprocess_cfg, select_layer=select_layer)
     expected = block_outputs(clip.model.visual, images)[block][:, 1:]
     torch.testing.assert_close(tower(images).hidden, expected)
+    adapter_only = tower(images, joint_space=False)  # stops after the selected block
+    torch.testing.assert_close(adapter_only.hidden, expected)
+    assert adapter_only.patch_features is None and adapter_only.pooled is None
 
 
 def test_patch_features_are_last_layer_ln_post_proj(clip, images):
@@ -100,6 +103,7 @@ def test_siglip_style_timm_tower():
         # of each final-norm token, written out from the head's weights.
         _, inter = trunk.forward_intermediates(x, indices=[0], output_fmt="NLC")
         torch.testing.assert_close(out.hidden, inter[0])
+        torch.testing.assert_close(tower(x, joint_space=False).hidden, inter[0])
         final = trunk.forward_features(x)
         pool = trunk.attn_pool
         C = final.shape[-1]
