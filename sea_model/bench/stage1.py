@@ -126,8 +126,9 @@ class _Block(nn.Module):
 class StandInTower(nn.Module):
     """A frozen CLIP-ViT-shaped tower in plain PyTorch with ``VisionTower``'s interface (random weights).
 
-    ``forward(pixel_values) -> TowerOutput(hidden (B, P, width) of layer select_layer without CLS,
-    patch_features (B, P, embed_dim), pooled (B, embed_dim), grid)``."""
+    ``forward(pixel_values, *, joint_space=True) -> TowerOutput(hidden (B, P, width) of layer
+    select_layer without CLS, patch_features (B, P, embed_dim), pooled (B, embed_dim), grid)``; with
+    ``joint_space=False`` it stops after ``select_layer`` and the last two are None."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, embed_dim: int,
                  select_layer: int = -2, **_):  # fmt: skip
@@ -153,7 +154,7 @@ class StandInTower(nn.Module):
         return super().train(False)  # frozen, like VisionTower
 
     @torch.no_grad()
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, *, joint_space: bool = True):
         from ..vision import TowerOutput
 
         w = self.conv1.weight
@@ -161,10 +162,13 @@ class StandInTower(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)
         selected = x
-        for i, block in enumerate(self.blocks, start=1):
+        last = len(self.blocks) if joint_space else self.layer  # without SEA: stop at select_layer
+        for i, block in enumerate(self.blocks[:last], start=1):
             x = block(x)
             if i == self.layer:
                 selected = x
+        if not joint_space:
+            return TowerOutput(selected[:, 1:], None, None, self.grid)
         pooled = self.ln_post(x[:, 0]) @ self.proj
         patches = self.ln_post(x[:, 1:]) @ self.proj
         return TowerOutput(selected[:, 1:], patches, pooled, self.grid)
