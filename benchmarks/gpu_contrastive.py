@@ -19,6 +19,7 @@ autotuning, which do_bench's warm-up absorbs. About 2-3 minutes on an H100.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -92,16 +93,16 @@ def timing(n, d):
     x, t, s = _inputs(n, d)
     for backend in ("triton", "reference"):
         fn = _fwd_bwd(backend)
-        row[f"{backend}_ms"] = _try(f"{backend} N={n} D={d}", lambda: _time(fn, x, t, s))
+        row[f"{backend}_ms"] = _try(f"{backend} N={n} D={d}", functools.partial(_time, fn, x, t, s))
         row[f"{backend}_peak_mib"] = None
         if row[f"{backend}_ms"] is not None:
-            peak = _try(f"{backend} peak", lambda: _peak(fn, x, t, s))
+            peak = _try(f"{backend} peak", functools.partial(_peak, fn, x, t, s))
             row[f"{backend}_peak_mib"] = None if peak is None else peak / 2**20
     del x, t, s
     torch.cuda.empty_cache()
     a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, d, device="cuda", dtype=torch.bfloat16).T
-    mm = _try("matmul", lambda: _time(torch.mm, a, b))
+    mm = _try("matmul", functools.partial(_time, torch.mm, a, b))
     row["matmul_floor_ms"] = None if mm is None else 4 * mm
     del a, b
     torch.cuda.empty_cache()
@@ -139,7 +140,9 @@ def main(argv=None) -> int:
     print(f"accuracy, N={acc['N']} D={acc['D']} bf16 (max abs error vs float64; max |true| in brackets)")
     for name in ("loss", "dx", "dt", "dscale"):
         tr, rf = acc["triton"][name], acc["reference"][name]
-        print(f"  {name:7s} triton {tr['max_abs_err']:.3e}  reference {rf['max_abs_err']:.3e}  [{tr['max_abs_true']:.3e}]")
+        print(
+            f"  {name:7s} triton {tr['max_abs_err']:.3e}  reference {rf['max_abs_err']:.3e}  [{tr['max_abs_true']:.3e}]"
+        )
     path = os.path.join(args.outdir, "contrastive.json")
 
     def save():  # after every step: a run cut short still leaves its results
@@ -151,15 +154,21 @@ def main(argv=None) -> int:
     ns = [] if args.check_only else [4608] if args.quick else [4608, 16384, 32768]
     rows = result["timing"] = []
     if ns:
-        print("\n     N     D   triton ms  reference ms  4-matmul floor ms  triton/floor  speedup  triton MiB  reference MiB")
+        print(
+            "\n     N     D   triton ms  reference ms  4-matmul floor ms  triton/floor  speedup  triton "
+            "MiB  reference MiB"
+        )
     for n in ns:
         for d in (512, 4096):
             r = timing(n, d)
             rows.append(r)
-            print(f"{n:6d} {d:5d} {_fmt(r['triton_ms'], '11.2f')} {_fmt(r['reference_ms'], '13.2f')}"
-                  f" {_fmt(r['matmul_floor_ms'], '18.2f')} {_fmt(r.get('triton_over_floor'), '13.2f')}"
-                  f" {_fmt(r.get('speedup_vs_reference'), '8.1f')} {_fmt(r['triton_peak_mib'], '11.0f')}"
-                  f" {_fmt(r['reference_peak_mib'], '14.0f')}", flush=True)
+            print(
+                f"{n:6d} {d:5d} {_fmt(r['triton_ms'], '11.2f')} {_fmt(r['reference_ms'], '13.2f')}"
+                f" {_fmt(r['matmul_floor_ms'], '18.2f')} {_fmt(r.get('triton_over_floor'), '13.2f')}"
+                f" {_fmt(r.get('speedup_vs_reference'), '8.1f')} {_fmt(r['triton_peak_mib'], '11.0f')}"
+                f" {_fmt(r['reference_peak_mib'], '14.0f')}",
+                flush=True,
+            )
             save()
     save()
     print(f"\nwrote {path} ({result['seconds']:.0f} s)")

@@ -60,6 +60,15 @@ def test_bench(benchmark, bench_rows, op, size, backend):
         benchmark.extra_info["extra_peak_bytes"] = peak
     st = benchmark.stats.stats
     bench_rows.append(
-        {"op": op, "size": size, "shape": shape, "backend": backend, "baseline": baseline, "median_s": st.median,
-         "iqr_s": st.iqr, "runs": st.rounds, "extra_peak_bytes": peak}  # fmt: skip
+        {
+            "op": op,
+            "size": size,
+            "shape": shape,
+            "backend": backend,
+            "baseline": baseline,
+            "median_s": st.median,
+            "iqr_s": st.iqr,
+            "runs": st.rounds,
+            "extra_peak_bytes": peak,
+        }
     )

@@ -16,8 +16,8 @@ import math
 import numbers
 import os
 import warnings
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -49,13 +49,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: str) -> Callable:
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -112,7 +112,7 @@ def resolve(op: str, backend: str, device: torch.device) -> Callable:
     return _load(impls[backend])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 

@@ -135,8 +135,13 @@ class SEAAlignmentLoss(nn.Module):
     def _check_vocabulary(self, vocab_features) -> None:
         """Finiteness of the (constant) vocabulary features, checked again only when they change."""
         D.check_tensor("vocab_features", vocab_features, ndim=2)
-        key = (vocab_features.data_ptr(), vocab_features._version, tuple(vocab_features.shape),
-               vocab_features.dtype, vocab_features.device)
+        key = (
+            vocab_features.data_ptr(),
+            vocab_features._version,
+            tuple(vocab_features.shape),
+            vocab_features.dtype,
+            vocab_features.device,
+        )
         if key != self._checked_vocabulary:
             D.check_finite("vocab_features", vocab_features)
             self._checked_vocabulary = key

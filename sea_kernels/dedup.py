@@ -61,7 +61,9 @@ def word_embeddings(labels, token_ids, weight, *, pad_id=-1) -> torch.Tensor:
         raise TypeError(f"pad_id must be an int; got {type(pad_id).__name__}")
     q, vocab_size = token_ids.shape[0], weight.shape[0]
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= q):
-        raise ValueError(f"labels must lie in [0, q) = [0, {q}); got values in [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, q) = [0, {q}); got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
     ids = token_ids[labels]  # (N, L)
     present = ids != pad_id
     if ids.numel() and not bool(present.any(-1).all()):

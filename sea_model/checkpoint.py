@@ -108,7 +108,9 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle (refused by weights_only), ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read as tensors and plain data ({first}); the file is truncated or not written by sea") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as tensors and plain data ({first}); the file is truncated or not written by sea"
+        ) from None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -120,12 +122,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("sea") != f"{FORMAT}-v{VERSION}":
-                raise CheckpointError(f"{path}: not a sea checkpoint's weights (metadata sea={meta.get('sea')!r}, expected {FORMAT}-v{VERSION!r})")
+                raise CheckpointError(
+                    f"{path}: not a sea checkpoint's weights (metadata sea={meta.get('sea')!r}, expected "
+                    f"{FORMAT}-v{VERSION!r})"
+                )
             return {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); the file is truncated or not safetensors") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({err}); the file is truncated or not safetensors"
+        ) from None
 
 
 def read_info(ckpt: str | os.PathLike) -> dict:
@@ -175,7 +182,9 @@ def saved_parameter_names(model) -> list[str]:
     return names
 
 
-def load_weights(model, ckpt: str | os.PathLike, *, require_trainable_for_stage: int | None = None, vision: bool = False) -> list[str]:
+def load_weights(
+    model, ckpt: str | os.PathLike, *, require_trainable_for_stage: int | None = None, vision: bool = False
+) -> list[str]:
     """Copy ``model.safetensors`` into ``model``'s parameters; returns the names loaded.
 
     Every tensor must be a parameter of the model with the same shape (``sea.*`` is skipped when
@@ -185,20 +194,30 @@ def load_weights(model, ckpt: str | os.PathLike, *, require_trainable_for_stage:
     tensors = _read_weights(path)
     params = dict(model.named_parameters())
     if any(n.startswith("adapter.") for n in params) and not any(n.startswith("adapter.") for n in tensors):
-        raise CheckpointError(f"{path}: holds no adapter.* tensors (found {sorted(tensors)[:4]}...); not a sea checkpoint")
+        raise CheckpointError(
+            f"{path}: holds no adapter.* tensors (found {sorted(tensors)[:4]}...); not a sea checkpoint"
+        )
     loaded = []
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name not in params:
                 if name.startswith("sea.") and model.sea is None:
                     continue  # SEA is off in this model
-                raise CheckpointError(f"{path}: tensor {name!r} is not a parameter of this model (a checkpoint of another architecture?)")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is not a parameter of this model (a checkpoint of another architecture?)"
+                )
             if tuple(params[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}; the model's is {tuple(params[name].shape)}")
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}; the model's is {tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)
             loaded.append(name)
     if require_trainable_for_stage is not None:
-        prefixes = ["adapter.", "sea."] + (["llm."] if require_trainable_for_stage == 2 else []) + (["tower."] if vision else [])
+        prefixes = (
+            ["adapter.", "sea."]
+            + (["llm."] if require_trainable_for_stage == 2 else [])
+            + (["tower."] if vision else [])
+        )
         missing = [n for n in params if n.startswith(tuple(prefixes)) and n not in tensors]
         if missing:
             raise CheckpointError(f"{path}: {len(missing)} trained parameter(s) missing, e.g. {missing[0]!r}")
@@ -317,7 +336,15 @@ def save_checkpoint(
         tokenizer.save_pretrained(str(tmp / TOKENIZER))
         if stage == 1:
             torch.save(mm_projector_state(weights), tmp / MM_PROJECTOR)
-        info = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step, "model": run_config["model"], "run": run_config, "weights": names}
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "stage": stage,
+            "step": step,
+            "model": run_config["model"],
+            "run": run_config,
+            "weights": names,
+        }
         (tmp / CONFIG).write_text(json.dumps(info, indent=1))
     torch.save(_rng_state(sea_generator), tmp / rng_file(rank))
     barrier()
@@ -356,9 +383,12 @@ def load_training_state(ckpt, model, optimizer, scheduler, sea_generator, *, ran
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     if state["world_size"] != world:
         log.warning(
-            "%s was written by %d process(es), this run has %d: data order is kept, random streams are not (not an exact continuation)",
-            ckpt, state["world_size"], world,
-        )  # fmt: skip
+            "%s was written by %d process(es), this run has %d: data order is kept, "
+            "random streams are not (not an exact continuation)",
+            ckpt,
+            state["world_size"],
+            world,
+        )
     rng_path = ckpt / rng_file(rank)
     if rng_path.is_file() or state["world_size"] == world:
         rng = _torch_load(rng_path)

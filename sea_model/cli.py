@@ -56,8 +56,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     try:
-        run(ops, args.sizes, args.device, args.out, threads=args.threads or None, memory=not args.no_memory,
-            progress=not args.no_progress)  # fmt: skip
+        run(
+            ops,
+            args.sizes,
+            args.device,
+            args.out,
+            threads=args.threads or None,
+            memory=not args.no_memory,
+            progress=not args.no_progress,
+        )
     except (ValueError, RuntimeError) as err:  # an unknown op, no CUDA: one clear line
         print(f"sea bench: error: {err}", file=sys.stderr)
         return 2
@@ -78,10 +85,17 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"sea train: error: {err}", file=sys.stderr)
         return 2
 
-    shortcuts = {"stage": "train.stage", "resume": "train.resume", "init_from": "train.init_from", "out": "train.out_dir"}
+    shortcuts = {
+        "stage": "train.stage",
+        "resume": "train.resume",
+        "init_from": "train.init_from",
+        "out": "train.out_dir",
+    }
     try:
         overrides = parse_overrides(extra)
-        overrides += [(key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None]
+        overrides += [
+            (key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None
+        ]
         if args.fsdp:
             overrides.append(("train.fsdp", "true"))
         cfg = load_run_config(args.config, overrides).resolved()
@@ -101,7 +115,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         return fail(err)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.checkpoint is None:
-            print(f"stopped after step {result.step} of {result.total_steps} (train.stop_after); continue with --resume latest")
+            print(
+                f"stopped after step {result.step} of {result.total_steps} (train.stop_after); continue "
+                f"with --resume latest"
+            )
         else:
             print(f"done: {result.step} steps; checkpoint {result.checkpoint}")
         print(f"metrics: {result.metrics}" + (f", plot {result.plot}" if result.plot else ""))
@@ -132,7 +149,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    run(args.out, quick=args.quick, device=args.device, backend=args.backend, seed=args.seed, threads=args.threads or None)
+    run(
+        args.out,
+        quick=args.quick,
+        device=args.device,
+        backend=args.backend,
+        seed=args.seed,
+        threads=args.threads or None,
+    )
     return 0
 
 
@@ -144,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sea-demo", help="output directory (default ./sea-demo)")
     p.add_argument("--quick", action="store_true", help="a few steps only (seconds; for tests)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cpu"], help="SEA kernel backend (auto: fused kernels; the cpu ones are compiled on first use)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "reference", "triton", "cpu"],
+        help="SEA kernel backend (auto: fused kernels; the cpu ones are compiled on first use)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_demo)
@@ -160,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stage", type=int, choices=[1, 2], default=None, help="= --train.stage")
     p.add_argument("--config", default=None, help="YAML file with sections model, data, train")
-    p.add_argument("--resume", default=None, help="checkpoint or output directory, or 'latest' (under --out): continue exactly")
-    p.add_argument("--init_from", default=None, help="stage 2: a stage-1 output directory or checkpoint, or an mm_projector.bin")
+    p.add_argument(
+        "--resume", default=None, help="checkpoint or output directory, or 'latest' (under --out): continue exactly"
+    )
+    p.add_argument(
+        "--init_from", default=None, help="stage 2: a stage-1 output directory or checkpoint, or an mm_projector.bin"
+    )
     p.add_argument("--out", default=None, help="= --train.out_dir")
     p.add_argument("--fsdp", action="store_true", help="shard stage 2 with FSDP2 when there are several processes")
     p.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
@@ -190,8 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(SEA off for stage1) and, on a GPU, TFLOP/s and its share of a plain matmul of the same shape. Writes "
         "OUT/bench.json (with machine, versions, git revision), OUT/table.md and one OUT/<op>.png per op.",
     )
-    p.add_argument("--ops", default="topk,labels,loss,stage1", help="comma-separated, of topk, labels, loss, stage1 (default: all)")
-    p.add_argument("--sizes", choices=["quick", "full"], default="quick", help="quick: minutes on a 2-core CPU; full: the paper's shapes")
+    p.add_argument(
+        "--ops", default="topk,labels,loss,stage1", help="comma-separated, of topk, labels, loss, stage1 (default: all)"
+    )
+    p.add_argument(
+        "--sizes",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: minutes on a 2-core CPU; full: the paper's shapes",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="sea-bench", help="output directory (default ./sea-bench)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -42,8 +42,8 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -228,7 +228,7 @@ def validate_entries(entries, path, template: str) -> None:
         raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
     for i, e in enumerate(entries):
 
-        def bad(msg):
+        def bad(msg, i=i, e=e):
             eid = e.get("id") if isinstance(e, dict) else None
             return ValueError(f"{path}: entry {i} (id={eid!r}): {msg}")
 
@@ -344,7 +344,9 @@ class LlavaDataset(torch.utils.data.Dataset):
                     self._bad.add(i)
                     self.skipped[problem] += 1
                     skipped += 1
-                    log.warning("%s: entry %d (id=%r): %s image %s skipped", self.path.name, i, e.get("id"), problem, e["image"])
+                    log.warning(
+                        "%s: entry %d (id=%r): %s image %s skipped", self.path.name, i, e.get("id"), problem, e["image"]
+                    )
                     continue
             turns = normalize_turns(e["conversations"], pixel_values is not None)
             ids, labels, has_image = encode_conversation(

@@ -60,7 +60,9 @@ class Scene:
         return row if col == "center" else f"{row} {col}"
 
     def caption(self) -> str:
-        prep = {"center": "in the", "left": "on the", "right": "on the", "top": "at the", "bottom": "at the"}.get(self.where, "in the")
+        prep = {"center": "in the", "left": "on the", "right": "on the", "top": "at the", "bottom": "at the"}.get(
+            self.where, "in the"
+        )
         return f"a {self.size} {self.colour} {self.shape} {prep} {self.where}"
 
     def questions(self) -> list[tuple[str, str]]:
@@ -73,7 +75,9 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    return Scene(rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES)), rng.randrange(3), rng.randrange(3))
+    return Scene(
+        rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES)), rng.randrange(3), rng.randrange(3)
+    )
 
 
 def draw(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE):
@@ -108,12 +112,29 @@ def write_dataset(folder: Path, n: int, *, seed: int = 0) -> tuple[list[Scene], 
         name = f"scene{i:04d}.png"
         draw(scene, rng).save(images / name)
         scenes.append(scene)
-        pretrain.append({"id": f"pt{i}", "image": name, "conversations": [
-            {"from": "human", "value": PRETRAIN_PROMPT}, {"from": "gpt", "value": scene.caption()}]})  # fmt: skip
+        pretrain.append(
+            {
+                "id": f"pt{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": PRETRAIN_PROMPT},
+                    {"from": "gpt", "value": scene.caption()},
+                ],
+            }
+        )
         (q1, a1), (q2, a2) = rng.sample(scene.questions(), 2)
-        finetune.append({"id": f"ft{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\n" + q1}, {"from": "gpt", "value": a1},
-            {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]})  # fmt: skip
+        finetune.append(
+            {
+                "id": f"ft{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + q1},
+                    {"from": "gpt", "value": a1},
+                    {"from": "human", "value": q2},
+                    {"from": "gpt", "value": a2},
+                ],
+            }
+        )
     pt, ft = folder / "pretrain.json", folder / "finetune.json"
     pt.write_text(json.dumps(pretrain, indent=1))
     ft.write_text(json.dumps(finetune, indent=1))
@@ -143,13 +164,19 @@ def demo_tokenizer(extra_words: list[str]):
     from .tiny import CHATML_TEMPLATE
 
     pre = pre_tokenizers.Whitespace()
-    words = sorted({w for text in demo_texts() + ["user assistant a"] for w, _ in pre.pre_tokenize_str(text)} | set(extra_words))
+    words = sorted(
+        {w for text in demo_texts() + ["user assistant a"] for w, _ in pre.pre_tokenize_str(text)} | set(extra_words)
+    )
     specials = ["<pad>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
     hf.add_tokens(["<|im_start|>", "<|im_end|>", "<image>"], special_tokens=True)
     hf.add_tokens([AddedToken("\n", normalized=False)])
     hf.chat_template = CHATML_TEMPLATE
@@ -219,14 +246,26 @@ def run(
             model_cfg=tiny_clip_config(image_size=IMAGE_SIZE, patch_size=16, width=64, layers=2, heads=2, embed_dim=32),
         ),
         llm=tiny_llm_config(
-            len(tokenizer), hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
-            eos_token_id=im_end, max_position_embeddings=128,
-        ),  # fmt: skip
+            len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            eos_token_id=im_end,
+            max_position_embeddings=128,
+        ),
         tokenizer=str(out / "data" / "tokenizer"),
         sea=SEAConfig(words=str(out / "data" / "vocab.txt"), top_n=3, backend=backend, cache_dir=str(out / "cache")),
     )
     images = str(out / "data" / "images")
-    common = {"micro_batch_size": sizes["micro"], "save_every": 0, "keep_last": 1, "seed": seed, "device": device, "progress": progress}
+    common = {
+        "micro_batch_size": sizes["micro"],
+        "save_every": 0,
+        "keep_last": 1,
+        "seed": seed,
+        "device": device,
+        "progress": progress,
+    }
 
     # 3. stage 1: adapter (+ SEA's temperature) with L_gen + L_align
     steps, batch, lr = sizes["stage1"]
@@ -234,8 +273,12 @@ def run(
     stage1 = train(
         RunConfig(
             model=model_config,
-            data=DataConfig(json_path=str(pretrain_json), image_folder=images, template="plain", max_length=64, num_workers=0),
-            train=TrainConfig(stage=1, out_dir=str(out / "stage1"), lr=lr, global_batch_size=batch, max_steps=steps, **common),
+            data=DataConfig(
+                json_path=str(pretrain_json), image_folder=images, template="plain", max_length=64, num_workers=0
+            ),
+            train=TrainConfig(
+                stage=1, out_dir=str(out / "stage1"), lr=lr, global_batch_size=batch, max_steps=steps, **common
+            ),
         ),
         tokenizer=tokenizer,
     )
@@ -246,9 +289,17 @@ def run(
     stage2 = train(
         RunConfig(
             model=dataclasses.replace(model_config, sea=dataclasses.replace(model_config.sea, enabled=False)),
-            data=DataConfig(json_path=str(finetune_json), image_folder=images, template="chat", max_length=96, num_workers=0),
+            data=DataConfig(
+                json_path=str(finetune_json), image_folder=images, template="chat", max_length=96, num_workers=0
+            ),
             train=TrainConfig(
-                stage=2, out_dir=str(out / "stage2"), init_from=str(out / "stage1"), lr=lr, global_batch_size=batch, max_steps=steps, **common
+                stage=2,
+                out_dir=str(out / "stage2"),
+                init_from=str(out / "stage1"),
+                lr=lr,
+                global_batch_size=batch,
+                max_steps=steps,
+                **common,
             ),
         ),
     )
@@ -274,16 +325,23 @@ def run(
         f"  stage 1:  {stage1.out_dir}  L_gen {first1['loss_gen']:.2f} -> {last1['loss_gen']:.2f}, "
         f"L_align {first1['loss_align']:.2f} -> {last1['loss_align']:.2f}, tau {last1['tau']:.3f}\n"
         f"            checkpoint {stage1.checkpoint}\n"
-        f"            {stage1.metrics}, {stage1.plot or '(no plot: matplotlib not installed)'}, LLaVA adapter {stage1.mm_projector}\n"
+        f"            {stage1.metrics}, {stage1.plot or '(no plot: matplotlib not installed)'}, LLaVA "
+        f"adapter {stage1.mm_projector}\n"
         f"  stage 2:  {stage2.out_dir}  L_gen {first2['loss_gen']:.2f} -> {last2['loss_gen']:.2f}\n"
         f"            checkpoint {stage2.checkpoint}\n"
         f"            {stage2.metrics}, {stage2.plot or '(no plot: matplotlib not installed)'}\n"
         f"  question: {question}  (image {image_path}: {scene.caption()})\n"
         f"  answer:   {reply!r}  (truth: {truth!r})\n"
-        f"  again:    sea generate --checkpoint {out / 'stage2'} --image {image_path} --prompt \"{question}\"",
+        f'  again:    sea generate --checkpoint {out / "stage2"} --image {image_path} --prompt "{question}"',
         flush=True,
     )
     return {
-        "out": out, "stage1": stage1, "stage2": stage2, "question": question, "truth": truth, "answer": reply,
-        "image": image_path, "elapsed": elapsed,
-    }  # fmt: skip
+        "out": out,
+        "stage1": stage1,
+        "stage2": stage2,
+        "question": question,
+        "truth": truth,
+        "answer": reply,
+        "image": image_path,
+        "elapsed": elapsed,
+    }

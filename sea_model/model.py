@@ -87,7 +87,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["vision"] = VisionConfig(**d.get("vision", {}))
         d["sea"] = SEAConfig(**d.get("sea", {}))
@@ -97,13 +97,17 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
 
 
 def default_attn_implementation(dtype: torch.dtype) -> str:
     """``flash_attention_2`` when CUDA, the flash-attn package and fp16/bf16 are all there, else ``sdpa``."""
-    if torch.cuda.is_available() and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn"):
+    if (
+        torch.cuda.is_available()
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("flash_attn")
+    ):
         return "flash_attention_2"
     return "sdpa"
 
@@ -193,7 +197,9 @@ class SEAModel(nn.Module):
                 f"got {tuple(vocab_features.shape)}"
             )
         if word_token_ids.ndim != 2 or word_token_ids.shape[0] != vocab_features.shape[0]:
-            raise ValueError(f"word_token_ids must be ({vocab_features.shape[0]}, L); got {tuple(word_token_ids.shape)}")
+            raise ValueError(
+                f"word_token_ids must be ({vocab_features.shape[0]}, L); got {tuple(word_token_ids.shape)}"
+            )
         V = self.llm.get_input_embeddings().weight.shape[0]
         if int(word_token_ids.max()) >= V:
             raise ValueError(f"word_token_ids: id {int(word_token_ids.max())} is outside the LM's vocabulary ({V})")
@@ -231,7 +237,9 @@ class SEAModel(nn.Module):
             )
         inferred = counts > 0
         if has_image is not None and not torch.equal(has_image.to(inferred.device).bool(), inferred):
-            raise ValueError(f"has_image {has_image.tolist()} disagrees with the <image> tokens in input_ids {inferred.tolist()}")
+            raise ValueError(
+                f"has_image {has_image.tolist()} disagrees with the <image> tokens in input_ids {inferred.tolist()}"
+            )
         n = int(inferred.sum())
         if n == 0:
             return is_img, inferred, None
@@ -273,7 +281,9 @@ class SEAModel(nn.Module):
         sampling; ``group`` its cross-rank negatives. Extra keys (a collator's ``ids``...) are ignored."""
         embeds, is_img, visual, tower_out = self.embed(input_ids, pixel_values, has_image)
         if labels is None:
-            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX) if attention_mask is not None else input_ids
+            labels = (
+                input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX) if attention_mask is not None else input_ids
+            )
         labels = labels.masked_fill(is_img, IGNORE_INDEX)
         if bool((labels[:, 1:] != IGNORE_INDEX).any()):
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
@@ -335,7 +345,9 @@ class SEAModel(nn.Module):
         )
 
 
-def answer(model: SEAModel, tokenizer, question: str, image=None, *, template: str = "auto", max_new_tokens: int = 32) -> str:
+def answer(
+    model: SEAModel, tokenizer, question: str, image=None, *, template: str = "auto", max_new_tokens: int = 32
+) -> str:
     """Ask ``question`` about a PIL ``image`` (or none) and return the greedy answer text.
 
     ``template`` as in :mod:`sea_model.data` (``"plain"`` for a stage-1 model: the image alone
@@ -351,7 +363,10 @@ def answer(model: SEAModel, tokenizer, question: str, image=None, *, template: s
     )
     pixel_values = model.tower.image_processor()(image).unsqueeze(0).to(device) if image is not None else None
     new = model.generate(
-        torch.tensor([ids], device=device), pixel_values, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id
+        torch.tensor([ids], device=device),
+        pixel_values,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
@@ -364,11 +379,15 @@ def load_tokenizer(config: ModelConfig):
 
     source = config.tokenizer or (config.llm if isinstance(config.llm, str) else None)
     if source is None:
-        raise ValueError("tokenizer: ModelConfig.llm is a config dict, so ModelConfig.tokenizer (or a tokenizer object) is required")
+        raise ValueError(
+            "tokenizer: ModelConfig.llm is a config dict, so ModelConfig.tokenizer (or a tokenizer object) is required"
+        )
     return AutoTokenizer.from_pretrained(source)
 
 
-def load_llm(spec: str | dict, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> nn.Module:
+def load_llm(
+    spec: str | dict, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> nn.Module:
     """An ``AutoModelForCausalLM`` from a hub name / directory, or from a config dict (random weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -413,7 +432,13 @@ def build_model(config: ModelConfig, tokenizer=None, *, device: str | torch.devi
     llm = load_llm(config.llm, dtype=dtype, attn_implementation=config.attn_implementation).to(device)
     tower.to(device=device, dtype=dtype)
     model = SEAModel(
-        tower, llm, image_token_id=image_token_id, adapter=config.adapter, sea=config.sea, vocab_features=feats, word_token_ids=ids
+        tower,
+        llm,
+        image_token_id=image_token_id,
+        adapter=config.adapter,
+        sea=config.sea,
+        vocab_features=feats,
+        word_token_ids=ids,
     ).to(device)
     model.model_config = config
     return model, tokenizer

@@ -14,10 +14,37 @@ from pathlib import Path
 
 # Words the tiny tokenizer knows well and the tiny SEA vocabulary is made of.
 WORDS = [
-    "cat", "dog", "bird", "car", "tree", "house", "red", "blue", "green", "small", "big", "sky",
-    "water", "road", "person", "ball", "table", "chair", "window", "door", "grass", "cloud",
-    "boat", "flower", "sun", "street", "light", "shadow", "yellow", "white",
-]  # fmt: skip
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "tree",
+    "house",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "big",
+    "sky",
+    "water",
+    "road",
+    "person",
+    "ball",
+    "table",
+    "chair",
+    "window",
+    "door",
+    "grass",
+    "cloud",
+    "boat",
+    "flower",
+    "sun",
+    "street",
+    "light",
+    "shadow",
+    "yellow",
+    "white",
+]
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -34,7 +61,13 @@ def tiny_clip_config(
     """
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers, "head_width": width // heads},
+        "vision_cfg": {
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "width": width,
+            "layers": layers,
+            "head_width": width // heads,
+        },
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
 
@@ -68,7 +101,13 @@ def tiny_siglip_config() -> dict:
     return {
         "embed_dim": 32,
         "custom_text": True,
-        "vision_cfg": {"image_size": 32, "timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+        "vision_cfg": {
+            "image_size": 32,
+            "timm_model_name": name,
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
 
@@ -142,11 +181,18 @@ def tiny_tokenizer(*, chat_template: bool = False, vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     extra = ["<image>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
     hf.add_tokens(extra, special_tokens=True)
     if chat_template:
@@ -167,8 +213,12 @@ def tiny_word_tokenizer(*, chat_template: bool = False):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     hf.add_tokens([AddedToken("\n", normalized=False)])
     hf.add_tokens(["<image>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else []), special_tokens=True)
     if chat_template:

@@ -66,9 +66,10 @@ import random
 import time
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -163,10 +164,10 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         return from_dict(cls, d)
 
-    def resolved(self) -> "RunConfig":
+    def resolved(self) -> RunConfig:
         """A copy with the stage defaults filled in, checked."""
         cfg = copy.deepcopy(self)
         t = cfg.train
@@ -252,7 +253,10 @@ def from_dict(cls, d: dict, where: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))
     if unknown:
-        raise ValueError(f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys of {where or cls.__name__}: {', '.join(names)}")
+        raise ValueError(
+            f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys of "
+            f"{where or cls.__name__}: {', '.join(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in d.items()}
     return cls(**kwargs)
 
@@ -315,7 +319,9 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[tuple
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(file_dict, dict):
-            raise ValueError(f"{path}: expected a mapping with sections model, data, train; got {type(file_dict).__name__}")
+            raise ValueError(
+                f"{path}: expected a mapping with sections model, data, train; got {type(file_dict).__name__}"
+            )
     # Where does this run start from? (Looked up before the layers are merged.)
     probe = _merge(asdict(RunConfig()), file_dict)
     for k, v in overrides:
@@ -419,6 +425,7 @@ def setup_distributed() -> Dist:
 
 def param_groups(model, t: TrainConfig) -> list[dict]:
     """Adapter + SEA log-scale, the LLM (stage 2), the tower (``vision_lr``): trainable only."""
+
     def trainable(module):
         return [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
@@ -573,7 +580,9 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
         torch.use_deterministic_algorithms(True)
     out_dir = Path(t.out_dir)
     if t.resume is None and ckpt.list_checkpoints(out_dir):
-        raise ckpt.CheckpointError(f"{out_dir} already holds checkpoints: continue with --resume latest, or choose another --out")
+        raise ckpt.CheckpointError(
+            f"{out_dir} already holds checkpoints: continue with --resume latest, or choose another --out"
+        )
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -585,7 +594,10 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
     if resume_dir is not None:
         info = ckpt.read_info(resume_dir)
         if info["stage"] != t.stage:
-            raise ckpt.CheckpointError(f"--resume {resume_dir} is a stage-{info['stage']} checkpoint; this is stage {t.stage} (use --init_from)")
+            raise ckpt.CheckpointError(
+                f"--resume {resume_dir} is a stage-{info['stage']} checkpoint; "
+                f"this is stage {t.stage} (use --init_from)"
+            )
     source = resume_dir or init_dir
     if source is not None:
         tokenizer = ckpt.load_tokenizer(source)
@@ -605,7 +617,10 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
         model.tower.requires_grad_(True)
     low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
     if low and dist.main:
-        log.warning("training %s parameters with AdamW drops small updates; use model.dtype float32 (bf16 autocast stays on)", low.pop())
+        log.warning(
+            "training %s parameters with AdamW drops small updates; use model.dtype float32 (bf16 autocast stays on)",
+            low.pop(),
+        )
     model.train()
 
     # ---- data
@@ -636,7 +651,11 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # The vocabulary buffers are identical on every rank: no per-forward broadcast.
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        no_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else "broadcast_buffers"
+        )
         engine = DDP(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -654,7 +673,9 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
     sea_generator = torch.Generator(device=device).manual_seed(t.seed + dist.rank)
     step, samples, elapsed_before = 0, 0, 0.0
     if resume_dir is not None:
-        state = ckpt.load_training_state(resume_dir, model, optimizer, scheduler, sea_generator, rank=dist.rank, world=dist.world)
+        state = ckpt.load_training_state(
+            resume_dir, model, optimizer, scheduler, sea_generator, rank=dist.rank, world=dist.world
+        )
         step, samples, elapsed_before = state["step"], state["samples_seen"], state["elapsed"]
         if dist.main:
             log.info("resumed from %s at step %d", resume_dir, step)
@@ -681,20 +702,38 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
     run_dict = cfg.to_dict()
     history: list[dict] = []
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = tqdm(total=total_steps, initial=step, desc=f"stage {t.stage}", unit="step", disable=not (t.progress and dist.main))
+    bar = tqdm(
+        total=total_steps, initial=step, desc=f"stage {t.stage}", unit="step", disable=not (t.progress and dist.main)
+    )
     start_time = time.time()
     last_saved = None
 
     def save(step_done: int) -> Path:
         nonlocal last_saved
-        state = {"step": step_done, "samples_seen": samples, "epoch": samples / len(dataset), "total_steps": total_steps,
-                 "elapsed": elapsed_before + time.time() - start_time, "world_size": dist.world,
-                 "global_batch_size": G}  # fmt: skip
+        state = {
+            "step": step_done,
+            "samples_seen": samples,
+            "epoch": samples / len(dataset),
+            "total_steps": total_steps,
+            "elapsed": elapsed_before + time.time() - start_time,
+            "world_size": dist.world,
+            "global_batch_size": G,
+        }
         last_saved = ckpt.save_checkpoint(
-            out_dir, step_done, model=model, tokenizer=tokenizer, run_config=run_dict, stage=t.stage,
-            optimizer=optimizer, scheduler=scheduler, state=state, sea_generator=sea_generator,
-            rank=dist.rank, world=dist.world, keep_last=t.keep_last,
-        )  # fmt: skip
+            out_dir,
+            step_done,
+            model=model,
+            tokenizer=tokenizer,
+            run_config=run_dict,
+            stage=t.stage,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            sea_generator=sea_generator,
+            rank=dist.rank,
+            world=dist.world,
+            keep_last=t.keep_last,
+        )
         return last_saved
 
     # ---- steps
@@ -713,11 +752,18 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = engine(**batch, generator=sea_generator, group=dist.group)
                 (out.loss / accum).backward()
-            sums += torch.tensor([out.loss.item(), out.loss_gen.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+            sums += torch.tensor(
+                [out.loss.item(), out.loss_gen.item(), float(batch["attention_mask"].sum())], dtype=torch.float64
+            )
             if out.align is not None:
                 local_pairs += int(out.align.keep.sum())  # this rank's share of out.pairs
             if out.loss_align is not None:
-                align_sum, align_n, pairs, tau = align_sum + out.loss_align.item(), align_n + 1, pairs + out.pairs, out.temperature
+                align_sum, align_n, pairs, tau = (
+                    align_sum + out.loss_align.item(),
+                    align_n + 1,
+                    pairs + out.pairs,
+                    out.temperature,
+                )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -776,4 +822,3 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
     if dist.created:
         torch.distributed.destroy_process_group()
     return result
-

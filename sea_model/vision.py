@@ -35,8 +35,9 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ class VisionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VisionConfig":
+    def from_dict(cls, d: dict) -> VisionConfig:
         return cls(**d)
 
 
@@ -248,7 +249,9 @@ class VisionTower(nn.Module):
     kept frozen; ``forward`` runs without autograd unless some tower parameter requires grad.
     """
 
-    def __init__(self, visual: nn.Module, preprocess_cfg: dict, *, select_layer: int = -2, image_aspect_ratio: str = "pad"):
+    def __init__(
+        self, visual: nn.Module, preprocess_cfg: dict, *, select_layer: int = -2, image_aspect_ratio: str = "pad"
+    ):
         super().__init__()
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
@@ -279,7 +282,9 @@ class VisionTower(nn.Module):
         else:
             raise ValueError(f"vision tower: unsupported open_clip visual module {type(visual).__name__}")
         if not -(n_layers + 1) <= select_layer <= n_layers:
-            raise ValueError(f"select_layer must be in [{-(n_layers + 1)}, {n_layers}] for {n_layers} blocks; got {select_layer}")
+            raise ValueError(
+                f"select_layer must be in [{-(n_layers + 1)}, {n_layers}] for {n_layers} blocks; got {select_layer}"
+            )
         self.layer = select_layer % (n_layers + 1)  # index into [embeddings, block 1, ..., block n]
         if self.kind == "timm" and self.layer == 0:
             raise ValueError("select_layer: the embedding output (layer 0) is not available for timm towers")
@@ -295,12 +300,14 @@ class VisionTower(nn.Module):
         self.eval()
 
     @classmethod
-    def from_clip(cls, clip: ClipBundle) -> "VisionTower":
+    def from_clip(cls, clip: ClipBundle) -> VisionTower:
         c = clip.config
-        return cls(clip.model.visual, clip.preprocess_cfg, select_layer=c.select_layer, image_aspect_ratio=c.image_aspect_ratio)
+        return cls(
+            clip.model.visual, clip.preprocess_cfg, select_layer=c.select_layer, image_aspect_ratio=c.image_aspect_ratio
+        )
 
     @classmethod
-    def from_config(cls, config: VisionConfig, *, device="cpu") -> "VisionTower":
+    def from_config(cls, config: VisionConfig, *, device="cpu") -> VisionTower:
         return cls.from_clip(load_clip(config, device=device))
 
     @property
@@ -360,7 +367,8 @@ class VisionTower(nn.Module):
         the blocks after ``select_layer`` are not run: what a model without SEA needs."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(
-                f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}); got {tuple(pixel_values.shape)}"
+                f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}); got "
+                f"{tuple(pixel_values.shape)}"
             )
         pixel_values = pixel_values.to(device=self._param().device, dtype=self._param().dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):

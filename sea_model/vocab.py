@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -49,7 +49,11 @@ class WordList:
     def report(self) -> str:
         return (
             f"{len(self.words)} words from {self.source}; dropped {len(self.duplicates)} duplicate(s)"
-            + (f" ({', '.join(self.duplicates[:5])}{', ...' if len(self.duplicates) > 5 else ''})" if self.duplicates else "")
+            + (
+                f" ({', '.join(self.duplicates[:5])}{', ...' if len(self.duplicates) > 5 else ''})"
+                if self.duplicates
+                else ""
+            )
             + f" and {self.blank_lines} blank line(s)"
         )
 
@@ -67,7 +71,9 @@ def wordfreq_words(size: int = DEFAULT_SIZE, lang: str = "en") -> WordList:
             if len(words) == size:
                 break
     if len(words) < size:
-        raise ValueError(f"size: wordfreq's {lang!r} list has only {len(words)} lower-case alphabetic words; asked for {size}")
+        raise ValueError(
+            f"size: wordfreq's {lang!r} list has only {len(words)} lower-case alphabetic words; asked for {size}"
+        )
     return WordList(words, f"wordfreq:{lang}:{size}")
 
 
@@ -95,7 +101,9 @@ def read_words(path: str | os.PathLike) -> WordList:
     return wl
 
 
-def load_words(source: str | os.PathLike | Sequence[str] | WordList | None = None, *, size: int = DEFAULT_SIZE) -> WordList:
+def load_words(
+    source: str | os.PathLike | Sequence[str] | WordList | None = None, *, size: int = DEFAULT_SIZE
+) -> WordList:
     """``None`` -> :func:`wordfreq_words` (``size``); a path -> :func:`read_words`; a list -> as is
     (duplicates dropped)."""
     if source is None:
@@ -160,13 +168,19 @@ def text_features(
                 return feats
             log.warning("vocabulary cache %s has %d rows for %d words; recomputing", path, feats.shape[0], len(words))
     chunks = []
-    for i in tqdm(range(0, len(words), batch_size), desc="vocabulary text features", unit="batch", disable=not progress):
+    for i in tqdm(
+        range(0, len(words), batch_size), desc="vocabulary text features", unit="batch", disable=not progress
+    ):
         chunks.append(encode([template.format(w) for w in words[i : i + batch_size]]).float().cpu())
     feats = torch.cat(chunks)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"features": feats.contiguous()}, str(tmp), metadata={"model": model_key[:2000], "template": template, "words": str(len(words))})
+        save_file(
+            {"features": feats.contiguous()},
+            str(tmp),
+            metadata={"model": model_key[:2000], "template": template, "words": str(len(words))},
+        )
         os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
     return feats
 
@@ -226,8 +240,16 @@ def build_vocabulary(
 ) -> Vocabulary:
     """Words (see :func:`load_words`) -> :class:`Vocabulary`, text features from ``clip``
     (a :class:`sea_model.vision.ClipBundle`), token ids from ``llm_tokenizer``."""
-    wl = load_words(words if words is None or isinstance(words, (str, os.PathLike, WordList)) else list(words), size=size)
+    wl = load_words(
+        words if words is None or isinstance(words, (str, os.PathLike, WordList)) else list(words), size=size
+    )
     feats = text_features(
-        wl.words, clip.encode_text, model_key=clip.key(), template=template, batch_size=batch_size, cache_dir=cache_dir, progress=progress
+        wl.words,
+        clip.encode_text,
+        model_key=clip.key(),
+        template=template,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
     )
     return Vocabulary(wl.words, feats, word_token_ids(wl.words, llm_tokenizer))

@@ -107,8 +107,14 @@ def test_loss_falls_when_training_a_linear_adapter():
     opt = torch.optim.Adam([*adapter.parameters(), *module.parameters()], lr=1e-2)
     losses = []
     for step in range(40):
-        out = module(adapter(patch_features), patch_features, vocab_features, ids, weight,
-                     generator=torch.Generator().manual_seed(step))
+        out = module(
+            adapter(patch_features),
+            patch_features,
+            vocab_features,
+            ids,
+            weight,
+            generator=torch.Generator().manual_seed(step),
+        )
         opt.zero_grad()
         out.loss.backward()
         opt.step()

@@ -18,7 +18,18 @@ TINY = {
     "loss": {"a": dict(n=32, dim=16, dtype="float32")},
     # A modelled step (1 of the 2 LM layers built, the per-layer time from 0 layers), as at 7B shapes.
     "stage1": {
-        "tiny": dict(tower="demo", llm="demo", batch=2, text=4, q=50, word_tokens=2, top_n=3, dtype="float32", layers=1, layers_short=0)
+        "tiny": dict(
+            tower="demo",
+            llm="demo",
+            batch=2,
+            text=4,
+            q=50,
+            word_tokens=2,
+            top_n=3,
+            dtype="float32",
+            layers=1,
+            layers_short=0,
+        )
     },
 }
 
@@ -28,7 +39,9 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SEA_BENCH_STANDIN_TOWER", "1")  # the GPU machines' tower (no open_clip there)
-        result = run(list(TINY), TINY, "cpu", out, min_runs=2, max_runs=3, budget_s=0.0, progress=False, echo=lambda *a: None)
+        result = run(
+            list(TINY), TINY, "cpu", out, min_runs=2, max_runs=3, budget_s=0.0, progress=False, echo=lambda *a: None
+        )
     return out, result
 
 
@@ -92,7 +105,9 @@ def test_named_sizes_resolve_on_both_devices():
 
 
 def test_cli_bench_arguments():
-    args = build_parser().parse_args(["bench", "--ops", "labels,loss", "--sizes", "full", "--device", "cpu", "--out", "x"])
+    args = build_parser().parse_args(
+        ["bench", "--ops", "labels,loss", "--sizes", "full", "--device", "cpu", "--out", "x"]
+    )
     assert (args.ops, args.sizes, args.device, args.out) == ("labels,loss", "full", "cpu", "x")
     with pytest.raises(ValueError, match="unknown op"):
         run(["nope"], "quick", "cpu", "unused", progress=False)

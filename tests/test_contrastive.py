@@ -81,7 +81,11 @@ def test_scale_gradient_and_types():
         (dict(x=torch.randint(0, 3, (4, 3)), t=torch.randn(4, 3), scale=1.0), TypeError, "x must be float"),
         (dict(x=[[1.0]], t=torch.randn(1, 1), scale=1.0), TypeError, "x must be a torch.Tensor"),
         (dict(x=torch.tensor([[float("nan"), 1.0]]), t=torch.randn(1, 2), scale=1.0), ValueError, "x must be finite"),
-        (dict(x=torch.randn(2, 2), t=torch.tensor([[1.0, float("inf")]] * 2), scale=1.0), ValueError, "t must be finite"),
+        (
+            dict(x=torch.randn(2, 2), t=torch.tensor([[1.0, float("inf")]] * 2), scale=1.0),
+            ValueError,
+            "t must be finite",
+        ),
     ],
 )
 def test_bad_input(kwargs, error, match):

@@ -11,8 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sea_kernels
-from sea_kernels.cpu import contrastive as C
 from sea_kernels.cpu import _build
+from sea_kernels.cpu import contrastive as C
 from sea_kernels.cpu._build import load_extension
 from tests._checks import assert_as_accurate_as_reference
 
@@ -195,7 +195,6 @@ def test_no_n_by_n_allocation(path, monkeypatch):
 
     assert biggest("reference") >= n * n * 4  # the check sees an N x N matrix when there is one
     assert biggest("cpu") < n * n * 4 // 8
-
 
 
 def test_deterministic(path, monkeypatch):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import sea_kernels.labels as labels
 from sea_kernels import _dispatch as D
-from sea_kernels.cpu import labels as cpu_labels
 from sea_kernels.cpu import _build
+from sea_kernels.cpu import labels as cpu_labels
 from sea_kernels.cpu._build import load_extension
 from tests._checks import assert_as_accurate_as_reference
 

@@ -46,7 +46,9 @@ def conversation(with_image=True):
         {"from": "human", "value": "what color is the sky?"},
         {"from": "gpt", "value": "it is blue."},
     ]
-    return {"id": "c0", "image": "img0.png", "conversations": conv} if with_image else {"id": "t0", "conversations": conv}
+    return (
+        {"id": "c0", "image": "img0.png", "conversations": conv} if with_image else {"id": "t0", "conversations": conv}
+    )
 
 
 @pytest.fixture
@@ -232,7 +234,13 @@ def test_generation_prompts():
     tok = tiny.tiny_word_tokenizer()
     image = add_image_token(tok)
     ids = prompt_ids("what color is it?", tok, template="vicuna_v1", image_token_id=image, num_image_tokens=P)
-    want, _ = expect(tok, ([tok.bos_token_id], False), (VICUNA_SYSTEM + " USER:", False), ([image], False), ("\nwhat color is it? ASSISTANT:", False))
+    want, _ = expect(
+        tok,
+        ([tok.bos_token_id], False),
+        (VICUNA_SYSTEM + " USER:", False),
+        ([image], False),
+        ("\nwhat color is it? ASSISTANT:", False),
+    )
     assert ids == want
     ids = prompt_ids("ignored", tok, template="plain", image_token_id=image, num_image_tokens=P)
     assert ids == [tok.bos_token_id] + [image] * P

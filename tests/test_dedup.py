@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sea_kernels import dedup_labels, word_embeddings
 
@@ -89,9 +91,6 @@ def test_word_embeddings_custom_pad_and_errors():
         word_embeddings(torch.tensor([0]), torch.tensor([[1.0]]), weight)
     with pytest.raises(ValueError, match="weight"):
         word_embeddings(torch.tensor([0]), token_ids, torch.randn(6))
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)

@@ -56,7 +56,21 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "model.mm_projector.0.weight" in torch.load(tmp_path / "stage1" / "mm_projector.bin", weights_only=True)
 
     image = tmp_path / "data" / "question.png"
-    assert cli.main(["generate", "--checkpoint", str(tmp_path / "stage2"), "--image", str(image),
-                     "--prompt", "What colour is the circle?", "--max_new_tokens", "3"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path / "stage2"),
+                "--image",
+                str(image),
+                "--prompt",
+                "What colour is the circle?",
+                "--max_new_tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     reply = capsys.readouterr().out
     assert reply.endswith("\n") and len(reply.split()) <= 3

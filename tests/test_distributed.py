@@ -93,8 +93,13 @@ def _worker(rank, init_file, out_dir, backends):
             kept_t = word_embeddings(labels, ids, weight)
             valid_labels = out.labels.label[out.labels.valid]
             result["alignment"][backend] = dict(
-                loss=out.loss.detach(), pairs=out.pairs, scale=out.scale, kept_labels=labels, valid_labels=valid_labels,
-                kept_x=kept_x.detach(), kept_t=kept_t.detach(),
+                loss=out.loss.detach(),
+                pairs=out.pairs,
+                scale=out.scale,
+                kept_labels=labels,
+                valid_labels=valid_labels,
+                kept_x=kept_x.detach(),
+                kept_t=kept_t.detach(),
             )
     finally:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -58,14 +58,19 @@ def loop_patch_labels(patches, vocab, grid, top_n, window, negate, uniforms):
     h, w = grid
     b_count = patches.shape[0]
     nwy, nwx = math.ceil(h / window), math.ceil(w / window)
-    out = {k: np.zeros((b_count, nwy * nwx), dtype) for k, dtype in
-           [("patch", np.int64), ("label", np.int64), ("score", np.float64), ("valid", bool)]}
+    out = {
+        k: np.zeros((b_count, nwy * nwx), dtype)
+        for k, dtype in [("patch", np.int64), ("label", np.int64), ("score", np.float64), ("valid", bool)]
+    }
     boundary = np.full((b_count, nwy * nwx), np.inf)  # distance of u1 to the nearest CDF step
     for b in range(b_count):
         for wi in range(nwy * nwx):
             wy, wx = divmod(wi, nwx)
-            members = [y * w + x for y in range(wy * window, min(h, wy * window + window))
-                       for x in range(wx * window, min(w, wx * window + window))]
+            members = [
+                y * w + x
+                for y in range(wy * window, min(h, wy * window + window))
+                for x in range(wx * window, min(w, wx * window + window))
+            ]
             cands = {}
             for p in members:
                 order = np.argsort(-scores[b, p], kind="stable")[:top_n]
@@ -100,8 +105,9 @@ def test_patch_labels_matches_loops(dtype, grid, window, top_n, negate):
     vocab = torch.randn(q, d, generator=g).to(dtype)
     nw = math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
     uniforms = torch.rand(b, nw, 2, generator=g)
-    got = patch_labels(patches, vocab, grid=grid, top_n=top_n, window=window, negate=negate,
-                       uniforms=uniforms, backend="reference")
+    got = patch_labels(
+        patches, vocab, grid=grid, top_n=top_n, window=window, negate=negate, uniforms=uniforms, backend="reference"
+    )
     want, boundary = loop_patch_labels(patches, vocab, grid, top_n, window, negate, uniforms)
     assert got.patch.shape == (b, nw) and got.valid.dtype == torch.bool and got.score.dtype == torch.float32
     # Away from CDF steps and near-tied scores the result is exact (half dtypes round the scores).
@@ -147,7 +153,9 @@ def test_patch_labels_is_deterministic_given_uniforms_and_generator():
 
 def chi2_sf(stat: float, dof: int) -> float:
     """Survival function of the chi-square distribution (regularized upper incomplete gamma)."""
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 def test_sampling_follows_eq7_and_uniform_patches():
@@ -197,5 +205,8 @@ def test_label_cdf_boundaries():
     u1 = torch.tensor([0.0, 0.2499, 0.25, 0.7501, 0.9999999])
     u = torch.stack([torch.zeros(5), u1], -1).reshape(5, 1, 2)
     out = patch_labels(patches, vocab, uniforms=u, grid=(1, 1), top_n=4, backend="reference")
-    ranks = [cosine_topk(patches[0, 0], vocab, 4, backend="reference").indices.tolist().index(lab) for lab in out.label[:, 0].tolist()]
+    ranks = [
+        cosine_topk(patches[0, 0], vocab, 4, backend="reference").indices.tolist().index(lab)
+        for lab in out.label[:, 0].tolist()
+    ]
     assert ranks == [0, 0, 1, 3, 3]

@@ -33,7 +33,9 @@ def batch(built):
     names = tiny.make_images(tmp / "images", 3)
     entries = tiny.finetune_entries(names)  # 3 with images + 1 text-only
     path = tiny.write_json(tmp / "ft.json", entries)
-    ds = LlavaDataset(path, tmp / "images", tok, model.tower.image_processor(), num_image_tokens=model.tower.num_patches)
+    ds = LlavaDataset(
+        path, tmp / "images", tok, model.tower.image_processor(), num_image_tokens=model.tower.num_patches
+    )
     return Collator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
 
 
@@ -90,7 +92,9 @@ def test_visual_tokens_replace_the_image_placeholders(built, batch):
     raw = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     torch.testing.assert_close(
         model(**{**batch, "labels": raw}).loss_gen,
-        model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=raw.masked_fill(is_img, IGNORE_INDEX)).loss,
+        model.llm(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=raw.masked_fill(is_img, IGNORE_INDEX)
+        ).loss,
     )
 
 
@@ -134,7 +138,9 @@ def test_l_align_uses_this_forwards_visual_tokens_and_patch_features(built, batc
 def test_freezing_and_gradients(built, batch):
     model, _, _ = built
     stage1 = model.freeze_for_stage(1)
-    assert sorted(stage1) == sorted([n for n, _ in model.adapter.named_parameters(prefix="adapter")] + ["sea.log_scale"])
+    assert sorted(stage1) == sorted(
+        [n for n, _ in model.adapter.named_parameters(prefix="adapter")] + ["sea.log_scale"]
+    )
     model.zero_grad(set_to_none=True)
     model(**batch, generator=torch.Generator().manual_seed(0)).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter.parameters())
@@ -193,5 +199,7 @@ def test_sea_needs_a_vocabulary(built):
 
 
 def test_config_round_trip():
-    cfg = ModelConfig(vision=VisionConfig(name="ViT-B-16", pretrained="/x.pt"), llm={"model_type": "llama"}, sea=SEAConfig(weight=0.5))
+    cfg = ModelConfig(
+        vision=VisionConfig(name="ViT-B-16", pretrained="/x.pt"), llm={"model_type": "llama"}, sea=SEAConfig(weight=0.5)
+    )
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_sea_kernels_does_not_pull_model_libraries():
-    code = "import sys, sea_kernels, sea_model, sea_model.cli; print(sorted(m for m in ('transformers', 'open_clip', 'triton') if m in sys.modules))"
+    code = (
+        "import sys, sea_kernels, sea_model, sea_model.cli; "
+        "print(sorted(m for m in ('transformers', 'open_clip', 'triton') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -35,5 +37,7 @@ def test_ci_runs_the_readme_commands():
 
 
 def test_cli_selfcheck_help():
-    out = subprocess.run([sys.executable, "-m", "sea_model.cli", "selfcheck", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "sea_model.cli", "selfcheck", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0 and "--interpret" in out.stdout

@@ -53,10 +53,19 @@ def setup(tmp_path_factory):
 
 def config(setup, out, *, stage=1, **train_kw) -> RunConfig:
     json_path = setup["root"] / ("pretrain.json" if stage == 1 else "finetune.json")
-    train_kw = {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 6, "save_every": 2, "progress": False, **train_kw}
+    train_kw = {
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "max_steps": 6,
+        "save_every": 2,
+        "progress": False,
+        **train_kw,
+    }
     return RunConfig(
         model=copy.deepcopy(setup["model"]),
-        data=DataConfig(json_path=str(json_path), image_folder=str(setup["root"] / "images"), num_workers=0, max_length=128),
+        data=DataConfig(
+            json_path=str(json_path), image_folder=str(setup["root"] / "images"), num_workers=0, max_length=128
+        ),
         train=TrainConfig(stage=stage, out_dir=str(out), **train_kw),
     )
 
@@ -74,7 +83,15 @@ def test_config_file_overrides_and_stage_defaults(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  llm: {model_type: llama, hidden_size: 32}\ntrain:\n  lr: 1e-3\n  epochs: 2\n")
     overrides = parse_overrides(
-        ["--model.sea.enabled", "false", "--train.max_steps=7", "--model.llm.hidden_size", "48", "--train.betas", "[0.9, 0.95]"]
+        [
+            "--model.sea.enabled",
+            "false",
+            "--train.max_steps=7",
+            "--model.llm.hidden_size",
+            "48",
+            "--train.betas",
+            "[0.9, 0.95]",
+        ]
     )
     cfg = load_run_config(path, overrides)
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # YAML reads "1e-3" as a string
@@ -82,7 +99,12 @@ def test_config_file_overrides_and_stage_defaults(tmp_path):
     assert cfg.model.sea.enabled is False and cfg.model.llm == {"model_type": "llama", "hidden_size": 48}
     one, two = cfg.resolved(), load_run_config(None, [("train.stage", "2")]).resolved()
     assert (one.train.global_batch_size, one.train.micro_batch_size, one.data.template) == (256, 32, "plain")
-    assert (two.train.lr, two.train.global_batch_size, two.train.micro_batch_size, two.data.template) == (2e-5, 128, 16, "auto")
+    assert (two.train.lr, two.train.global_batch_size, two.train.micro_batch_size, two.data.template) == (
+        2e-5,
+        128,
+        16,
+        "auto",
+    )
     with pytest.raises(ValueError, match="unknown key train.lrr; valid keys of train: stage"):
         load_run_config(path, [("train.lrr", "1")])
     with pytest.raises(ValueError, match="train.max_steps: cannot read 'many'"):
@@ -176,7 +198,9 @@ def test_stage1_changes_only_adapter_and_temperature(setup, stage1):
     pretrained = copy.copy(after)
     pretrained.model_config = copy.deepcopy(after.model_config)
     pretrained.model_config.llm, pretrained.model_config.vision.pretrained = "lmsys/vicuna-7b-v1.5", "openai"
-    assert sorted(ckpt.saved_parameter_names(pretrained)) == sorted(["sea.log_scale"] + [f"adapter.{k}" for k in after.adapter.state_dict()])
+    assert sorted(ckpt.saved_parameter_names(pretrained)) == sorted(
+        ["sea.log_scale"] + [f"adapter.{k}" for k in after.adapter.state_dict()]
+    )
 
 
 def test_mm_projector_has_llava_names_and_shapes(stage1):
@@ -202,7 +226,9 @@ def test_stage2_starts_from_the_stage1_output(setup, stage1, tmp_path):
     def record(step, metrics, model):
         if step == 1:  # warmup: the first step runs at lr 0, so weights are still the loaded ones
             assert metrics["lr"] == 0.0
-            start.update({k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("adapter.", "llm."))})
+            start.update(
+                {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("adapter.", "llm."))}
+            )
 
     cfg = config(setup, tmp_path, stage=2, init_from=str(stage1.out_dir), max_steps=3, save_every=0)
     cfg.model.sea.enabled = False  # as in the paper: SEA in stage 1 only
@@ -210,7 +236,9 @@ def test_stage2_starts_from_the_stage1_output(setup, stage1, tmp_path):
     final = stage1.model.state_dict()
     assert start and all(torch.equal(start[k], final[k]) for k in start)  # adapter and LLM came from stage 1
     trained = result.model.state_dict()
-    assert not torch.equal(trained["llm.model.layers.0.mlp.up_proj.weight"], final["llm.model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        trained["llm.model.layers.0.mlp.up_proj.weight"], final["llm.model.layers.0.mlp.up_proj.weight"]
+    )
     assert all(torch.equal(trained[k], final[k]) for k in final if k.startswith("tower."))
     info = ckpt.read_info(result.checkpoint)
     assert info["stage"] == 2 and not (result.checkpoint / ckpt.MM_PROJECTOR).exists()
@@ -246,7 +274,9 @@ def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: not a sea checkpoint's weights"):
         ckpt.load_weights(stage1.model, foreign)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ckpt.CheckpointError, match=r"empty: not a sea checkpoint \(no config\.json\) and no checkpoint-\* directories"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"empty: not a sea checkpoint \(no config\.json\) and no checkpoint-\* directories"
+    ):
         ckpt.resolve(tmp_path / "empty")
     with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
         train(config(setup, stage1.out_dir))
@@ -268,7 +298,10 @@ def _ddp_worker(rank, init_file, cfg_dict, out):
         result = train(RunConfig.from_dict(cfg_dict), tokenizer=tiny.tiny_word_tokenizer(), callback=record)
         adapter = {k: v.detach().clone() for k, v in result.model.adapter.state_dict().items()}
         log_scale = result.model.sea.log_scale.detach().clone()
-        torch.save({"history": result.history, "start": start, "adapter": adapter, "log_scale": log_scale}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {"history": result.history, "start": start, "adapter": adapter, "log_scale": log_scale},
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -284,9 +317,13 @@ def test_two_ranks_share_sea_negatives_and_weights(setup, tmp_path):
         assert a["loss_align"] == b["loss_align"] and a["loss"] == b["loss"] and a["pairs"] == b["pairs"]
         assert a["pairs"] == a["pairs_local"] + b["pairs_local"] and min(a["pairs_local"], b["pairs_local"]) > 0
     assert len(r0["history"]) == 3
-    assert r0["adapter"].keys() == r1["adapter"].keys() and all(torch.equal(r0["adapter"][k], r1["adapter"][k]) for k in r0["adapter"])
+    assert r0["adapter"].keys() == r1["adapter"].keys() and all(
+        torch.equal(r0["adapter"][k], r1["adapter"][k]) for k in r0["adapter"]
+    )
     assert torch.equal(r0["log_scale"], r1["log_scale"])
     assert r0["history"][0]["lr"] == 0.0 and torch.equal(r0["start"]["0.weight"], r1["start"]["0.weight"])
     assert not torch.equal(r0["start"]["0.weight"], r0["adapter"]["0.weight"])  # and it trained
     final = ckpt.list_checkpoints(tmp_path / "run")[-1]
-    assert final.name == "checkpoint-0000003" and {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in final.iterdir()}
+    assert final.name == "checkpoint-0000003" and {"rng_state_0.pt", "rng_state_1.pt"} <= {
+        p.name for p in final.iterdir()
+    }

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 import sea_kernels
 from sea_kernels.labels import PatchLabels, cosine_topk_reference, num_windows, window_patches
-
 from tests._checks import assert_as_accurate_as_reference, max_error
 
 pytest.importorskip("triton")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sea_kernels import cosine_topk, patch_labels
-from sea_kernels import _dispatch
+from sea_kernels import _dispatch, cosine_topk, patch_labels
 
 P = torch.randn(2, 16, 8)
 V = torch.randn(20, 8)
@@ -24,9 +23,17 @@ NAN = torch.full((2, 16, 8), float("nan"))
         (lambda: cosine_topk(torch.tensor(1.0), torch.randn(5, 8)), ValueError, "patches must have at least 1"),
         (lambda: cosine_topk(torch.randn(3, 8), torch.randn(5, 8).long()), TypeError, "vocab must be float"),
         (lambda: cosine_topk(torch.randn(3, 8), torch.randn(5, 8).to("meta"), 3), ValueError, "one device"),
-        (lambda: cosine_topk(torch.tensor([[float("inf")] * 8]), torch.randn(5, 8), 3), ValueError, "patches must be finite"),
+        (
+            lambda: cosine_topk(torch.tensor([[float("inf")] * 8]), torch.randn(5, 8), 3),
+            ValueError,
+            "patches must be finite",
+        ),
         (lambda: cosine_topk(torch.randn(3, 8), torch.randn(5, 8), 3, negate=1), TypeError, "negate"),
-        (lambda: cosine_topk(torch.randn(3, 8), torch.randn(5, 8), 3, backend="gpu"), ValueError, "backend must be one of"),
+        (
+            lambda: cosine_topk(torch.randn(3, 8), torch.randn(5, 8), 3, backend="gpu"),
+            ValueError,
+            "backend must be one of",
+        ),
         (lambda: patch_labels(torch.randn(16, 8), V), ValueError, "patches must have 3"),
         (lambda: patch_labels(torch.randn(2, 15, 8), V), ValueError, "perfect square"),
         (lambda: patch_labels(P, V, grid=(4, 5)), ValueError, "does not match P = 16"),
@@ -36,7 +43,11 @@ NAN = torch.full((2, 16, 8), float("nan"))
         (lambda: patch_labels(P, V, top_n=0), ValueError, "top_n"),
         (lambda: patch_labels(P, V, window=0), ValueError, "window"),
         (lambda: patch_labels(P, torch.randn(20, 9)), ValueError, "feature dimension"),
-        (lambda: patch_labels(P, V, uniforms=torch.rand(2, 4)), ValueError, r"uniforms must have shape \(B, n_windows, 2\)"),
+        (
+            lambda: patch_labels(P, V, uniforms=torch.rand(2, 4)),
+            ValueError,
+            r"uniforms must have shape \(B, n_windows, 2\)",
+        ),
         (lambda: patch_labels(P, V, uniforms=torch.rand(2, 5, 2)), ValueError, "uniforms"),
         (lambda: patch_labels(P, V, uniforms=torch.ones(2, 4, 2)), ValueError, r"\[0, 1\)"),
         (lambda: patch_labels(P, V, uniforms=torch.zeros(2, 4, 2, dtype=torch.long)), TypeError, "uniforms"),

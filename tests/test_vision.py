@@ -148,4 +148,6 @@ def test_expand2square_centres_the_image():
 
     im = expand2square(Image.new("RGB", (40, 20), (255, 0, 0)), (1, 2, 3))
     assert im.size == (40, 40)
-    assert im.getpixel((0, 0)) == (1, 2, 3) and im.getpixel((20, 20)) == (255, 0, 0) and im.getpixel((20, 35)) == (1, 2, 3)
+    assert (
+        im.getpixel((0, 0)) == (1, 2, 3) and im.getpixel((20, 20)) == (255, 0, 0) and im.getpixel((20, 35)) == (1, 2, 3)
+    )

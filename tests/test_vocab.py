@@ -120,11 +120,13 @@ def test_word_token_ids_mid_sentence_bpe():
 
 def test_word_token_ids_mid_sentence_sentencepiece_style():
     """A Metaspace (SentencePiece-style) tokenizer: the mid-sentence form carries the '▁' marker."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "▁a": 1, "▁cat": 2, "cat": 3, "▁": 4, "a": 5, "▁do": 6, "g": 7}
-    t = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="", max_input_chars_per_word=100))
+    t = Tokenizer(
+        models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="", max_input_chars_per_word=100)
+    )
     t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     t.decoder = decoders.Metaspace()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")

@@ -12,7 +12,7 @@ import hashlib
 import os
 import platform
 import warnings
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -26,14 +26,17 @@ def cache_root() -> Path:
     return Path(base) / "extensions"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_extension(name: str):
     if os.environ.get("SEA_NO_CPP", "0") not in ("", "0"):
         _announce(name, "SEA_NO_CPP is set")
         return None
     code = _source(name)
     key = hashlib.sha256(
-        code + torch.__version__.encode() + platform.machine().encode() + platform.python_version().encode()
+        code
+        + torch.__version__.encode()
+        + platform.machine().encode()
+        + platform.python_version().encode()
         + _cpu_flags().encode()  # built with -march=native: one build per instruction set
         + torch.__file__.encode()  # one build per installation (include paths differ between venvs)
     ).hexdigest()[:16]

@@ -50,8 +50,9 @@ def auto_tile(n: int, dim: int, threads: int) -> int:
     return tile
 
 
-def contrastive_loss(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, *, tile: int | None = None,
-                     use_cpp: bool | None = None) -> torch.Tensor:
+def contrastive_loss(
+    x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, *, tile: int | None = None, use_cpp: bool | None = None
+) -> torch.Tensor:
     """Backend entry: ``x``, ``t`` ``(N, D)``, ``scale`` 0-d in the accumulation dtype -> 0-d loss.
 
     ``tile`` (internal, for tests and tuning): rows per block (default ``DEFAULT_TILE``, else
@@ -92,8 +93,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         else:
             dx, dt, dscale = _backward(x, t, *stats, ctx.s, coef, ctx.tile, ctx.acc)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, dt if need[1] else None,
-                dscale.to(ctx.acc) if need[2] else None, None, None)
+        return (dx if need[0] else None, dt if need[1] else None, dscale.to(ctx.acc) if need[2] else None, None, None)
 
 
 # ----------------------------------------------------------------------------- PyTorch path

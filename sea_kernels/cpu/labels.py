@@ -70,13 +70,21 @@ def patch_labels_impl(
             *ext.patch_labels(patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0)
         )
     b, p, d = patches.shape
-    values, indices = cosine_topk_chunked(patches.reshape(b * p, d), vocab, top_n, negate, tile=tile, row_block=row_block)
+    values, indices = cosine_topk_chunked(
+        patches.reshape(b * p, d), vocab, top_n, negate, tile=tile, row_block=row_block
+    )
     return sample_windows(values.view(b, p, top_n), indices.view(b, p, top_n), (h, w), window, uniforms)
 
 
 @torch.no_grad()
 def cosine_topk_chunked(
-    patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool, *, tile: int | None = None, row_block: int | None = None
+    patches: torch.Tensor,
+    vocab: torch.Tensor,
+    k: int,
+    negate: bool,
+    *,
+    tile: int | None = None,
+    row_block: int | None = None,
 ) -> TopK:
     """The PyTorch fallback: vocabulary chunks x row blocks, ``torch.topk`` per chunk merged with the running top-k."""
     dtype = compute_dtype(patches.dtype)

@@ -62,7 +62,7 @@ Under ``TRITON_INTERPRET=1`` every product is computed in float32 by NumPy.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -145,8 +145,23 @@ def _inv_norm_kernel(x_ptr, r_ptr, w_ptr, N, D, stride_x, EPS: tl.constexpr, BM:
 
 
 @triton.jit
-def _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+def _cos_tile(
+    x_ptr,
+    t_ptr,
+    rx_ptr,
+    rt_ptr,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    D,
+    stride_x,
+    stride_t,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """``cos(x_rows, t_cols)`` as a ``BM x BN`` float32 tile (zeros outside the masks)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
@@ -164,9 +179,30 @@ def _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_
     return acc * rx[:, None] * rt[None, :]
 
 
-def _fwd_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, col_m_ptr, col_ls_ptr, diag_ptr,
-              row0, row_end, N, D, stride_x, stride_t, n_splits, TUNE_KEY,
-              BM: tl.constexpr, DOT_PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _fwd_body(
+    x_ptr,
+    t_ptr,
+    rx_ptr,
+    rt_ptr,
+    scale_ptr,
+    row_m_ptr,
+    row_ls_ptr,
+    col_m_ptr,
+    col_ls_ptr,
+    diag_ptr,
+    row0,
+    row_end,
+    N,
+    D,
+    stride_x,
+    stride_t,
+    n_splits,
+    TUNE_KEY,
+    BM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Log-sum-exp partials as (max, log of the sum of exp(l - max)): the max is a logit itself, so
     ``l - max`` stays exact where it matters (as in ``log_softmax``) and ``log(sum)`` is small."""
     split = tl.program_id(0)
@@ -181,8 +217,12 @@ def _fwd_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, co
     for cb in range(split, tl.cdiv(N, BN), n_splits):
         cols = cb * BN + tl.arange(0, BN)
         cmask = cols < N
-        z = _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t,
-                      BM, BN, BK, DOT_PREC) * scale
+        z = (
+            _cos_tile(
+                x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t, BM, BN, BK, DOT_PREC
+            )
+            * scale
+        )
         z = tl.where(rmask[:, None] & cmask[None, :], z, float("-inf"))
         # rows: online max and sum (masked rows keep max -inf, hence m_use)
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -232,11 +272,32 @@ def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-def _probs_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, col_m_ptr, col_ls_ptr,
-                h_ptr, ds_ptr,
-                row0, n_rows, N, D, stride_x, stride_t, stride_h, TUNE_KEY,
-                  DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+def _probs_body(
+    x_ptr,
+    t_ptr,
+    rx_ptr,
+    rt_ptr,
+    scale_ptr,
+    row_m_ptr,
+    row_ls_ptr,
+    col_m_ptr,
+    col_ls_ptr,
+    h_ptr,
+    ds_ptr,
+    row0,
+    n_rows,
+    N,
+    D,
+    stride_x,
+    stride_t,
+    stride_h,
+    TUNE_KEY,
+    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """``H = (P_row - I) + (P_col - I)`` for rows ``row0 .. row0 + n_rows`` (local row index in ``h``),
     and ``sum(H * l)`` of the tile at ``ds_ptr[program id]``."""
     pid = tl.program_id(0)
@@ -247,8 +308,10 @@ def _probs_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, 
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
     scale = tl.load(scale_ptr).to(tl.float32)
-    z = _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t,
-                  BM, BN, BK, DOT_PREC) * scale
+    z = (
+        _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t, BM, BN, BK, DOT_PREC)
+        * scale
+    )
     mr = tl.load(row_m_ptr + rows, mask=rmask, other=0.0)
     lr = tl.load(row_ls_ptr + rows, mask=rmask, other=0.0)
     mc = tl.load(col_m_ptr + cols, mask=cmask, other=0.0)
@@ -270,9 +333,27 @@ def _probs_body(x_ptr, t_ptr, rx_ptr, rt_ptr, scale_ptr, row_m_ptr, row_ls_ptr, 
     tl.store(ds_ptr + pid, tl.sum(tl.sum(tl.where(mask, h * z, 0.0), 1).to(tl.float64), 0))
 
 
-def _gemm_body(a_ptr, kv_ptr, b_ptr, c_ptr, M, NO, K, stride_am, stride_ak, stride_bk, stride_cm, TUNE_KEY,
-                 ACCUMULATE: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm_body(
+    a_ptr,
+    kv_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    NO,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_cm,
+    TUNE_KEY,
+    ACCUMULATE: tl.constexpr,
+    MODE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """``c (+)= (a * kv[None, :]) @ b``: ``a`` float32 ``M x K`` (any strides), ``kv`` float32 ``K``,
     ``b`` ``K x NO`` row-major in the input dtype, ``c`` float32 ``M x NO``.
 
@@ -318,8 +399,21 @@ def _gemm_body(a_ptr, kv_ptr, b_ptr, c_ptr, M, NO, K, stride_am, stride_ak, stri
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _normalize_bwd_kernel(u_ptr, v_ptr, r_ptr, w_ptr, coef_ptr, out_ptr, n_rows, D, stride_u, stride_v, stride_o,
-                          BM: tl.constexpr, BD: tl.constexpr):
+def _normalize_bwd_kernel(
+    u_ptr,
+    v_ptr,
+    r_ptr,
+    w_ptr,
+    coef_ptr,
+    out_ptr,
+    n_rows,
+    D,
+    stride_u,
+    stride_v,
+    stride_o,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+):
     """``out = r * coef * (u - w * v * (v . u))`` with ``w = r^2`` (or 0 where the norm was clamped):
     ``d/dv`` of ``v * r`` given ``dL/d(v * r) = coef * u``, as ``F.normalize`` differentiates."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -368,43 +462,69 @@ def _tuner(kernel, key, half, single, dtype_arg, **kwargs):
 
 _FWD = _kernel(_fwd_body, ["row0", "row_end", "N", "D", "stride_x", "stride_t", "n_splits", "TUNE_KEY"])
 _FWD_TUNED = _tuner(
-    _FWD[0], ["TUNE_KEY", "D"],
-    [dict(BN=128, BK=64, warps=8, stages=3), dict(BN=64, BK=64, warps=4, stages=3),
-     dict(BN=128, BK=32, warps=8, stages=4), dict(BN=64, BK=32, warps=4, stages=2)],
-    [dict(BN=64, BK=32, warps=4, stages=2), dict(BN=64, BK=16, warps=4, stages=2),
-     dict(BN=128, BK=32, warps=8, stages=4)],
+    _FWD[0],
+    ["TUNE_KEY", "D"],
+    [
+        dict(BN=128, BK=64, warps=8, stages=3),
+        dict(BN=64, BK=64, warps=4, stages=3),
+        dict(BN=128, BK=32, warps=8, stages=4),
+        dict(BN=64, BK=32, warps=4, stages=2),
+    ],
+    [
+        dict(BN=64, BK=32, warps=4, stages=2),
+        dict(BN=64, BK=16, warps=4, stages=2),
+        dict(BN=128, BK=32, warps=8, stages=4),
+    ],
     "x_ptr",
 )
 _FWD_FIXED = _config(dict(BN=32, BK=16) if _INTERPRET else dict(BN=64, BK=16, warps=4, stages=2))
 
 _PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "D", "stride_x", "stride_t", "stride_h", "TUNE_KEY"])
 _PROBS_TUNED = _tuner(
-    _PROBS[0], ["TUNE_KEY", "D"],
-    [dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3), dict(BM=128, BN=64, BK=64, GROUP_M=8, warps=4, stages=3),
-     dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=3), dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=4)],
-    [dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2), dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=3),
-     dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3)],
+    _PROBS[0],
+    ["TUNE_KEY", "D"],
+    [
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3),
+        dict(BM=128, BN=64, BK=64, GROUP_M=8, warps=4, stages=3),
+        dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=3),
+        dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=4),
+    ],
+    [
+        dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
+        dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=3),
+        dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3),
+    ],
     "x_ptr",
     reset_to_zero=["ds_ptr"],  # its layout depends on the tile: a tuning run must leave no stale entry
 )
-_PROBS_FIXED = _config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else
-                       dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2))
+_PROBS_FIXED = _config(
+    dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2)
+)
 _PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + [_PROBS_FIXED])
 _PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + [_PROBS_FIXED])
 
 _GEMM = _kernel(_gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "TUNE_KEY"])
 _GEMM_TUNED = _tuner(
-    _GEMM[0], ["TUNE_KEY", "NO"],
-    [dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=3), dict(BM=128, BN=256, BK=32, GROUP_M=8, warps=8, stages=3),
-     dict(BM=64, BN=256, BK=32, GROUP_M=8, warps=4, stages=4), dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3),
-     dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=4)],
-    [dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2), dict(BM=64, BN=128, BK=16, GROUP_M=8, warps=4, stages=3),
-     dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3)],
+    _GEMM[0],
+    ["TUNE_KEY", "NO"],
+    [
+        dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=3),
+        dict(BM=128, BN=256, BK=32, GROUP_M=8, warps=8, stages=3),
+        dict(BM=64, BN=256, BK=32, GROUP_M=8, warps=4, stages=4),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3),
+        dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=4),
+    ],
+    [
+        dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
+        dict(BM=64, BN=128, BK=16, GROUP_M=8, warps=4, stages=3),
+        dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3),
+    ],
     "b_ptr",
     restore_value=["c_ptr"],  # ACCUMULATE reads c: tuning runs must not add up
 )
-_GEMM_FIXED = _config(dict(BM=16, BN=32, BK=16, GROUP_M=2) if _INTERPRET else
-                      dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3))
+_GEMM_FIXED = _config(
+    dict(BM=16, BN=32, BK=16, GROUP_M=2) if _INTERPRET else dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3)
+)
 
 # ----------------------------------------------------------------------------- launchers
 
@@ -433,7 +553,7 @@ def _merge(m: torch.Tensor, ls: torch.Tensor, dim: int):
     return top, ((m - safe.unsqueeze(dim)) + ls).exp().sum(dim).log()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -468,9 +588,33 @@ def _forward_stats(x, t, rx, rt, scale):
         rl = torch.empty((splits, r1 - r0), dtype=f32, device=dev)
         cm = torch.empty((blocks + (col_m is not None), n), dtype=f32, device=dev)
         cl = torch.empty_like(cm)
-        _launch(_FWD, _FWD_TUNED, _FWD_FIXED, (splits, blocks), big,
-                x, t, rx, rt, scale, rm, rl, cm, cl, diag, r0, r1, n, d, x.stride(0), t.stride(0), splits, _bucket(n),
-                BM=FWD_BM, DOT_PREC=prec)
+        _launch(
+            _FWD,
+            _FWD_TUNED,
+            _FWD_FIXED,
+            (splits, blocks),
+            big,
+            x,
+            t,
+            rx,
+            rt,
+            scale,
+            rm,
+            rl,
+            cm,
+            cl,
+            diag,
+            r0,
+            r1,
+            n,
+            d,
+            x.stride(0),
+            t.stride(0),
+            splits,
+            _bucket(n),
+            BM=FWD_BM,
+            DOT_PREC=prec,
+        )
         row_m[r0:r1], row_ls[r0:r1] = _merge(rm, rl, 0)
         if col_m is not None:  # the earlier chunks' columns, in the spare last row
             cm[-1], cl[-1] = col_m, col_ls
@@ -485,15 +629,35 @@ def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, accumulate, big):
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(no, meta["BN"]),)
 
-    _launch(_GEMM, _GEMM_TUNED, _GEMM_FIXED, grid, big,
-            a, kv, b, c, m, no, k, stride_am, stride_ak, b.stride(0), c.stride(0), _bucket(m) * 64 + _bucket(k),
-            ACCUMULATE=accumulate, MODE=mode, DOT_PREC=_dot_precision(b.dtype))
+    _launch(
+        _GEMM,
+        _GEMM_TUNED,
+        _GEMM_FIXED,
+        grid,
+        big,
+        a,
+        kv,
+        b,
+        c,
+        m,
+        no,
+        k,
+        stride_am,
+        stride_ak,
+        b.stride(0),
+        c.stride(0),
+        _bucket(m) * 64 + _bucket(k),
+        ACCUMULATE=accumulate,
+        MODE=mode,
+        DOT_PREC=_dot_precision(b.dtype),
+    )
 
 
 def _finish(u, v, r, w, coef, out):
     n, d = v.shape
     _normalize_bwd_kernel[(triton.cdiv(n, _ROW_BM),)](
-        u, v, r, w, coef, out, n, d, u.stride(0), v.stride(0), out.stride(0), BM=_ROW_BM, BD=_ROW_BD)
+        u, v, r, w, coef, out, n, d, u.stride(0), v.stride(0), out.stride(0), BM=_ROW_BM, BD=_ROW_BD
+    )
 
 
 class _ContrastiveLoss(torch.autograd.Function):
@@ -534,15 +698,37 @@ class _ContrastiveLoss(torch.autograd.Function):
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             m = r1 - r0
-            ds = torch.zeros(triton.cdiv(m, _PROBS_MIN_BM) * triton.cdiv(n, _PROBS_MIN_BN), dtype=torch.float64,
-                             device=dev)
+            ds = torch.zeros(
+                triton.cdiv(m, _PROBS_MIN_BM) * triton.cdiv(n, _PROBS_MIN_BN), dtype=torch.float64, device=dev
+            )
 
             def grid(meta, m=m):
                 return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
-            _launch(_PROBS, _PROBS_TUNED, _PROBS_FIXED, grid, big,
-                    x, t, rx, rt, scale, *stats, h, ds, r0, m, n, d, x.stride(0), t.stride(0), h.stride(0),
-                    _bucket(m) * 64 + _bucket(n), DOT_PREC=prec)
+            _launch(
+                _PROBS,
+                _PROBS_TUNED,
+                _PROBS_FIXED,
+                grid,
+                big,
+                x,
+                t,
+                rx,
+                rt,
+                scale,
+                *stats,
+                h,
+                ds,
+                r0,
+                m,
+                n,
+                d,
+                x.stride(0),
+                t.stride(0),
+                h.stride(0),
+                _bucket(m) * 64 + _bucket(n),
+                DOT_PREC=prec,
+            )
             ds_parts.append(ds.sum())
             if need_x:
                 _gemm(h, h.stride(0), 1, rt, t, u, m, n, accumulate=False, big=big)

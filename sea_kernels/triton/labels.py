@@ -127,9 +127,22 @@ def _sort_bitonic_rows(x, DESCENDING: tl.constexpr):
 
 @triton.jit
 def _stream_topk(
-    X, V, INV_V, x_off, inv_x, row_ok, Q, D, stride_v,
-    NEGATE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X,
+    V,
+    INV_V,
+    x_off,
+    inv_x,
+    row_ok,
+    Q,
+    D,
+    stride_v,
+    NEGATE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Top ``K_PAD`` cosines of each row against the vocabulary, sorted descending.
 
@@ -166,14 +179,40 @@ def _stream_topk(
 
 @triton.jit
 def _labels_kernel(
-    X, V, INV_X, INV_V,
-    OUT_V, OUT_I,  # cosine_topk: (M, K) values, indices
-    U, OUT_P, OUT_L, OUT_S, OUT_OK,  # patch_labels: uniforms (G, 2); outputs (G,)
-    M, Q, D, K, stride_b, stride_p, stride_v,
-    P, H, W, NWX, NW, G,  # patch_labels geometry: grid, windows per row / image, all windows
-    NEGATE: tl.constexpr, SAMPLE: tl.constexpr, K_PAD: tl.constexpr, WIN: tl.constexpr,
-    WW_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    X,
+    V,
+    INV_X,
+    INV_V,
+    OUT_V,
+    OUT_I,  # cosine_topk: (M, K) values, indices
+    U,
+    OUT_P,
+    OUT_L,
+    OUT_S,
+    OUT_OK,  # patch_labels: uniforms (G, 2); outputs (G,)
+    M,
+    Q,
+    D,
+    K,
+    stride_b,
+    stride_p,
+    stride_v,
+    P,
+    H,
+    W,
+    NWX,
+    NW,
+    G,  # patch_labels geometry: grid, windows per row / image, all windows
+    NEGATE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    WIN: tl.constexpr,
+    WW_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """See the module docstring. ``SAMPLE=False``: ``cosine_topk``; ``True``: ``patch_labels``."""
     pid = tl.program_id(0)
@@ -197,8 +236,22 @@ def _labels_kernel(
     x_off = img.to(tl.int64) * stride_b + p.to(tl.int64) * stride_p
     inv_x = tl.load(INV_X + img.to(tl.int64) * P + p, mask=row_ok, other=0.0)
     vals, idx = _stream_topk(
-        X, V, INV_V, x_off, inv_x, row_ok, Q, D, stride_v,
-        NEGATE, K_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION,
+        X,
+        V,
+        INV_V,
+        x_off,
+        inv_x,
+        row_ok,
+        Q,
+        D,
+        stride_v,
+        NEGATE,
+        K_PAD,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
+        DOT_PRECISION,
     )
     j = tl.arange(0, K_PAD)
 
@@ -249,8 +302,7 @@ def _hopper_configs() -> list[triton.Config]:
     # fits every k and window the kernel takes. Few configs: each costs a compile when tuning.
     shapes = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 8, 3)]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
     ]
 
 
@@ -339,12 +391,40 @@ def cosine_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool
         return _chunked_topk(patches, vocab, k, negate)
     x, v = _operands(patches, vocab)
     _launch(
-        m, 1, m * q, d,
-        x, v, _inv_norm(x), _inv_norm(v),
-        values, indices, None, None, None, None, None,
-        m, q, d, k, 0, x.stride(0), v.stride(0),
-        0, 1, 1, 1, 1, 1,
-        NEGATE=negate, SAMPLE=False, K_PAD=k_pad, WIN=1, WW_PAD=1, DOT_PRECISION=_dot_precision(x.dtype),
+        m,
+        1,
+        m * q,
+        d,
+        x,
+        v,
+        _inv_norm(x),
+        _inv_norm(v),
+        values,
+        indices,
+        None,
+        None,
+        None,
+        None,
+        None,
+        m,
+        q,
+        d,
+        k,
+        0,
+        x.stride(0),
+        v.stride(0),
+        0,
+        1,
+        1,
+        1,
+        1,
+        1,
+        NEGATE=negate,
+        SAMPLE=False,
+        K_PAD=k_pad,
+        WIN=1,
+        WW_PAD=1,
+        DOT_PRECISION=_dot_precision(x.dtype),
     )
     return values, indices
 
@@ -370,11 +450,39 @@ def patch_labels(patches, vocab, grid, top_n, window, negate, uniforms):
     x, v = _operands(patches, vocab)
     u = uniforms.float().contiguous()
     _launch(
-        b * nw, ww_pad, b * p * q, d,
-        x, v, _inv_norm(x), _inv_norm(v),
-        None, None, u, out_p, out_l, out_s, out_ok,
-        b * p, q, d, top_n, x.stride(0), x.stride(1), v.stride(0),
-        p, h, w, -(-w // window), nw, b * nw,
-        NEGATE=negate, SAMPLE=True, K_PAD=k_pad, WIN=window, WW_PAD=ww_pad, DOT_PRECISION=_dot_precision(x.dtype),
+        b * nw,
+        ww_pad,
+        b * p * q,
+        d,
+        x,
+        v,
+        _inv_norm(x),
+        _inv_norm(v),
+        None,
+        None,
+        u,
+        out_p,
+        out_l,
+        out_s,
+        out_ok,
+        b * p,
+        q,
+        d,
+        top_n,
+        x.stride(0),
+        x.stride(1),
+        v.stride(0),
+        p,
+        h,
+        w,
+        -(-w // window),
+        nw,
+        b * nw,
+        NEGATE=negate,
+        SAMPLE=True,
+        K_PAD=k_pad,
+        WIN=window,
+        WW_PAD=ww_pad,
+        DOT_PRECISION=_dot_precision(x.dtype),
     )
     return out_p, out_l, out_s, out_ok.bool()

@@ -64,7 +64,12 @@ SIZE_NAMES = {
         },
     },
     "cuda": {
-        "quick": {"topk": ["medium", "b32"], "labels": ["medium", "b32"], "loss": ["4608-d4096"], "stage1": ["llava-7b"]},
+        "quick": {
+            "topk": ["medium", "b32"],
+            "labels": ["medium", "b32"],
+            "loss": ["4608-d4096"],
+            "stage1": ["llava-7b"],
+        },
         "full": {
             "topk": ["medium", "full", "b32"],
             "labels": ["medium", "full", "b32"],
@@ -213,7 +218,9 @@ def labels_fn(op: str, backend: str, k: int = 10, negate: bool = True):
             patches, vocab, _grid(patches), k, 2, negate, uniforms, use_cpp=False
         )
     if op == "topk":
-        return lambda patches, vocab, uniforms: sk.cosine_topk(patches, vocab, k, negate=negate, backend=backend, validate=False)
+        return lambda patches, vocab, uniforms: sk.cosine_topk(
+            patches, vocab, k, negate=negate, backend=backend, validate=False
+        )
     return lambda patches, vocab, uniforms: sk.patch_labels(
         patches, vocab, top_n=k, window=2, negate=negate, uniforms=uniforms, backend=backend, validate=False
     )

@@ -59,9 +59,7 @@ def extra_peak_bytes(case: str, kwargs: dict, *, threads: int | None = None, tim
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     spec = json.dumps({"case": case, "kwargs": kwargs})
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, spec], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    out = subprocess.run([sys.executable, "-c", _CHILD, spec], env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         tail = "\n".join(out.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"peak-memory subprocess for {case} {kwargs} failed:\n{tail}")

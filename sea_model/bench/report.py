@@ -103,7 +103,9 @@ def git_revision() -> dict:
     here = Path(__file__).resolve().parent
 
     def git(*args):
-        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True, timeout=20
+        )
         return out.stdout.strip() if out.returncode == 0 else None
 
     try:
@@ -160,7 +162,18 @@ def _x(r) -> str:
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of result rows: one line per op, size and backend, ratios to the baseline."""
     gpu = any(r.get("tflops") is not None for r in rows)
-    head = ["op", "size", "shape", "backend", "median ms", "IQR ms", "runs", "vs baseline", "extra peak MiB", "peak vs baseline"]
+    head = [
+        "op",
+        "size",
+        "shape",
+        "backend",
+        "median ms",
+        "IQR ms",
+        "runs",
+        "vs baseline",
+        "extra peak MiB",
+        "peak vs baseline",
+    ]
     if gpu:
         head += ["TFLOP/s", "of matmul"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -170,10 +183,17 @@ def format_table(rows: list[dict]) -> str:
         else:
             t = r["median_s"]
             cells = [
-                r["op"], r["size"], r["shape"], r["backend"] + (" (baseline)" if r.get("baseline") else ""),
-                _ms(t), _ms(r.get("iqr_s")), str(r.get("runs", "-")), _x(r.get("ratio")),
-                _mib(r.get("extra_peak_bytes")), _x(r.get("peak_ratio")),
-            ]  # fmt: skip
+                r["op"],
+                r["size"],
+                r["shape"],
+                r["backend"] + (" (baseline)" if r.get("baseline") else ""),
+                _ms(t),
+                _ms(r.get("iqr_s")),
+                str(r.get("runs", "-")),
+                _x(r.get("ratio")),
+                _mib(r.get("extra_peak_bytes")),
+                _x(r.get("peak_ratio")),
+            ]
             if gpu:
                 share = r.get("matmul_share")
                 cells += [
@@ -230,7 +250,10 @@ def plot_op(rows: list[dict], op: str, title: str, path: Path) -> Path | None:
     categorical = op == "stage1"  # sizes differ in kind, not in one scalar
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "median_s", "median time (ms)"), (axes[1], "extra_peak_bytes", "extra peak memory (MiB)")):
+    for ax, key, label in (
+        (axes[0], "median_s", "median time (ms)"),
+        (axes[1], "extra_peak_bytes", "extra peak memory (MiB)"),
+    ):
         for backend in dict.fromkeys(r["backend"] for r in rows):
             pts = [r for r in rows if r["backend"] == backend and r.get(key) is not None]
             if not pts:
@@ -248,8 +271,13 @@ def plot_op(rows: list[dict], op: str, title: str, path: Path) -> Path | None:
             ax.set_xlabel("matrix-product work per call (FLOP)")
             for r in rows:
                 if r.get("baseline"):
-                    ax.annotate(r["size"], (r["work"], max((r.get(key) or 0) * (1e3 if key == "median_s" else 1 / MIB), 1e-3)),
-                                fontsize=7, textcoords="offset points", xytext=(3, 3))  # fmt: skip
+                    ax.annotate(
+                        r["size"],
+                        (r["work"], max((r.get(key) or 0) * (1e3 if key == "median_s" else 1 / MIB), 1e-3)),
+                        fontsize=7,
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                    )
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -274,12 +302,15 @@ def write_table(path: Path, data: dict) -> Path:
     start, end = (load.get("start") or [None])[0], (load.get("end") or [None])[0]
     header = (
         f"sea bench --sizes {data['sizes']} --device {data['device']}, {data['date']}, {where(data)}, "
-        f"torch {data['versions']['torch']}, {data['machine']['torch_threads']} threads, git {(data['git'].get('revision') or '?')[:10]}"
+        f"torch {data['versions']['torch']}, {data['machine']['torch_threads']} threads, git "
+        f"{(data['git'].get('revision') or '?')[:10]}"
         + (" (modified)" if data["git"].get("dirty") else "")
         + (f", load average {start:.2f} -> {end:.2f}" if start is not None and end is not None else "")
     )
     lines = stage1_lines(data.get("stage1", {}))
-    Path(path).write_text(header + "\n\n" + format_table(data["results"]) + ("\n\n" + "\n".join(lines) if lines else "") + "\n")
+    Path(path).write_text(
+        header + "\n\n" + format_table(data["results"]) + ("\n\n" + "\n".join(lines) if lines else "") + "\n"
+    )
     return Path(path)
 
 

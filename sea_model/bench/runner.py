@@ -133,7 +133,11 @@ def stage1_summary(rows: list[dict]) -> dict:
         these = {r["backend"]: r for r in rows if r["op"] == "stage1" and r["size"] == size and not r.get("error")}
         modelled = any("modelled_step_s" in r.get("extra", {}) for r in these.values())
         key = (lambda r: r["extra"]["modelled_step_s"]) if modelled else (lambda r: r["median_s"])
-        steps = {b: key(r) for b, r in these.items() if not r.get("auxiliary") and (not modelled or "modelled_step_s" in r["extra"])}
+        steps = {
+            b: key(r)
+            for b, r in these.items()
+            if not r.get("auxiliary") and (not modelled or "modelled_step_s" in r["extra"])
+        }
         off = steps.get("sea-off")
         s = {
             "modelled": modelled,
@@ -323,8 +327,10 @@ def run(
     }
     m = result["machine"]
     where = m["gpu"]["name"] if m.get("gpu") else f"{m['cpu']}, {m['cores']} cores"
-    echo(f"sea bench: {', '.join(ops)} ({mode} sizes) on {dev.type}: {where}; torch {result['versions']['torch']}, "
-         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    echo(
+        f"sea bench: {', '.join(ops)} ({mode} sizes) on {dev.type}: {where}; torch {result['versions']['torch']}, "
+        f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    )
     if dev.type == "cpu":
         result["setup_s"]["extensions"] = s = _prepare_cpu()
         echo(f"C++ extensions ready in {s:.1f} s (compiled on a first run; never part of a timing)")
@@ -347,7 +353,9 @@ def run(
     for op, size, params in units:
         if bar is not None:
             bar.set_postfix_str(f"{op} {size}")
-        rows = _rows_for_case(op, size, params, dev, timer, settings, memory, peak_workers, torch.get_num_threads(), say)
+        rows = _rows_for_case(
+            op, size, params, dev, timer, settings, memory, peak_workers, torch.get_num_threads(), say
+        )
         result["results"] += rows
         result["stage1"] = stage1_summary(result["results"])
         result["load_average"]["end"] = list(os.getloadavg())
@@ -373,6 +381,9 @@ def run(
     echo(table)
     for line in lines:
         echo(line)
-    echo(f"\nwrote {json_path}, {table_path}" + (f", {len(plots_written)} plots" if plots_written else "")
-         + f" in {result['wall_s']:.0f} s (load average now {os.getloadavg()[0]:.2f})")  # fmt: skip
+    echo(
+        f"\nwrote {json_path}, {table_path}"
+        + (f", {len(plots_written)} plots" if plots_written else "")
+        + f" in {result['wall_s']:.0f} s (load average now {os.getloadavg()[0]:.2f})"
+    )
     return result

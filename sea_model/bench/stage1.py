@@ -47,22 +47,51 @@ SEA_BACKEND = {"sea-off": None, "sea-reference": "reference", "sea-fused": "auto
 
 TOWERS = {
     "demo": dict(image_size=64, patch_size=16, width=64, layers=2, heads=2, embed_dim=32),
-    "vit-l-14-336": dict(image_size=336, patch_size=14, width=1024, layers=24, heads=16, embed_dim=768,
-                         open_clip_name="ViT-L-14-336-quickgelu"),
-}  # fmt: skip
+    "vit-l-14-336": dict(
+        image_size=336,
+        patch_size=14,
+        width=1024,
+        layers=24,
+        heads=16,
+        embed_dim=768,
+        open_clip_name="ViT-L-14-336-quickgelu",
+    ),
+}
 LLMS = {
-    "demo": dict(vocab_size=237, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4),
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32),
-}  # fmt: skip
+    "demo": dict(
+        vocab_size=237,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    "llama-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+}
 
 STAGE1_SIZES = {
     "demo": dict(tower="demo", llm="demo", batch=32, text=12, q=219, word_tokens=1, top_n=3, dtype="float32"),
     "demo-41k": dict(tower="demo", llm="demo", batch=32, text=12, q=41242, word_tokens=1, top_n=3, dtype="float32"),
-    "llava-7b": dict(tower="vit-l-14-336", llm="llama-7b", batch=32, text=32, q=41242, word_tokens=3, top_n=10,
-                     dtype="bfloat16", layers=4, layers_short=2),
-}  # fmt: skip
+    "llava-7b": dict(
+        tower="vit-l-14-336",
+        llm="llama-7b",
+        batch=32,
+        text=32,
+        q=41242,
+        word_tokens=3,
+        top_n=10,
+        dtype="bfloat16",
+        layers=4,
+        layers_short=2,
+    ),
+}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,9 +120,14 @@ def is_modelled(params: dict) -> bool:
 def describe(params: dict) -> str:
     t, m = TOWERS[params["tower"]], LLMS[params["llm"]]
     dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[params["dtype"]]
-    layers = f"{built_layers(params)} of {total_layers(params)} layers" if is_modelled(params) else f"{total_layers(params)} layers"
+    layers = (
+        f"{built_layers(params)} of {total_layers(params)} layers"
+        if is_modelled(params)
+        else f"{total_layers(params)} layers"
+    )
     return (
-        f"B={params['batch']} P={num_patches(params)} T={num_patches(params) + params['text']} ViT w{t['width']}x{t['layers']}, "
+        f"B={params['batch']} P={num_patches(params)} T={num_patches(params) + params['text']} ViT "
+        f"w{t['width']}x{t['layers']}, "
         f"LM h{m['hidden_size']} {layers}, q={params['q']} {dtype}"
     )
 
@@ -130,8 +164,17 @@ class StandInTower(nn.Module):
     select_layer without CLS, patch_features (B, P, embed_dim), pooled (B, embed_dim), grid)``; with
     ``joint_space=False`` it stops after ``select_layer`` and the last two are None."""
 
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, embed_dim: int,
-                 select_layer: int = -2, **_):  # fmt: skip
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        embed_dim: int,
+        select_layer: int = -2,
+        **_,
+    ):
         super().__init__()
         side = image_size // patch_size
         self.image_size = (image_size, image_size)
@@ -247,8 +290,15 @@ def _shared(params: dict, device):
             "labels": labels.to(device),
             "pixel_values": torch.randn(b, 3, *size, generator=g).to(device),
         }
-    shared = dict(tower=tower, tower_kind=tower_kind, llm=llm, image_token_id=image_token_id,
-                  vocab_features=vocab_features, word_token_ids=ids, batch=batch)  # fmt: skip
+    shared = dict(
+        tower=tower,
+        tower_kind=tower_kind,
+        llm=llm,
+        image_token_id=image_token_id,
+        vocab_features=vocab_features,
+        word_token_ids=ids,
+        batch=batch,
+    )
     _SHARED[key] = shared
     return shared
 
