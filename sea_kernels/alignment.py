@@ -11,11 +11,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import _dispatch as D
 from . import _distributed
 from .contrastive import contrastive_loss
 from .dedup import dedup_labels, word_embeddings
+from .dispatch import BACKENDS
 from .labels import PatchLabels, patch_labels
+from .validation import check_feature_dims, check_finite, check_int, check_int_tensor, check_tensor
 
 
 class SEAAlignmentOutput(NamedTuple):
@@ -49,12 +50,12 @@ class SEAAlignmentLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        top_n = D.check_int("top_n", top_n, 1)
-        window = D.check_int("window", window, 1)
+        top_n = check_int("top_n", top_n, 1)
+        window = check_int("window", window, 1)
         if not (max_scale > 0 and math.isfinite(max_scale)):
             raise ValueError(f"max_scale must be positive and finite; got {max_scale}")
-        if backend not in D.BACKENDS:
-            raise ValueError(f"backend must be one of {D.BACKENDS}; got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
         self.top_n, self.window, self.negate, self.dedup = top_n, window, negate, dedup
         self.max_scale, self.backend = float(max_scale), backend
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
@@ -81,23 +82,23 @@ class SEAAlignmentLoss(nn.Module):
         """``visual_tokens`` ``(B, P, D)`` (adapter outputs), ``patch_features`` ``(B, P, d)`` (CLIP
         joint-space patch features), ``vocab_features`` ``(q, d)``, ``word_token_ids`` ``(q, L)``
         padded with -1, ``embedding_weight`` ``(V, D)`` (the LLM's input embeddings)."""
-        D.check_tensor("visual_tokens", visual_tokens, ndim=3)
-        D.check_tensor("patch_features", patch_features, ndim=3)
-        D.check_tensor("embedding_weight", embedding_weight, ndim=2)
+        check_tensor("visual_tokens", visual_tokens, ndim=3)
+        check_tensor("patch_features", patch_features, ndim=3)
+        check_tensor("embedding_weight", embedding_weight, ndim=2)
         if visual_tokens.shape[:2] != patch_features.shape[:2]:
             raise ValueError(
                 "visual_tokens and patch_features must share (B, P); got "
                 f"{tuple(visual_tokens.shape)} and {tuple(patch_features.shape)}"
             )
-        D.check_feature_dims("visual_tokens", visual_tokens, "embedding_weight", embedding_weight)
-        D.check_int_tensor("word_token_ids", word_token_ids, 2)
+        check_feature_dims("visual_tokens", visual_tokens, "embedding_weight", embedding_weight)
+        check_int_tensor("word_token_ids", word_token_ids, 2)
         if word_token_ids.shape[0] != vocab_features.shape[0]:
             raise ValueError(
                 "word_token_ids must have one row per vocabulary word: "
                 f"{vocab_features.shape[0]} rows expected, got {word_token_ids.shape[0]}"
             )
 
-        D.check_finite("patch_features", patch_features)
+        check_finite("patch_features", patch_features)
         self._check_vocabulary(vocab_features)
         with torch.no_grad():
             labels = patch_labels(
@@ -134,7 +135,7 @@ class SEAAlignmentLoss(nn.Module):
 
     def _check_vocabulary(self, vocab_features) -> None:
         """Finiteness of the (constant) vocabulary features, checked again only when they change."""
-        D.check_tensor("vocab_features", vocab_features, ndim=2)
+        check_tensor("vocab_features", vocab_features, ndim=2)
         key = (
             vocab_features.data_ptr(),
             vocab_features._version,
@@ -143,7 +144,7 @@ class SEAAlignmentLoss(nn.Module):
             vocab_features.device,
         )
         if key != self._checked_vocabulary:
-            D.check_finite("vocab_features", vocab_features)
+            check_finite("vocab_features", vocab_features)
             self._checked_vocabulary = key
 
     def _keep(self, labels: PatchLabels, generator, group) -> torch.Tensor:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch as D
 from . import _distributed
-from .labels import compute_dtype
+from ._common import compute_dtype
+from .dispatch import resolve
+from .validation import check_finite, check_same_device, check_tensor
 
 
 def contrastive_loss(x, t, scale, *, group=None, backend="auto", validate=True) -> torch.Tensor:
@@ -25,9 +26,9 @@ def contrastive_loss(x, t, scale, *, group=None, backend="auto", validate=True) 
     ``gather_with_grad=True``), so DDP's gradient averaging yields exactly the global gradient.
     Returns a 0-d float32 tensor (float64 for float64 inputs).
     """
-    D.check_tensor("x", x, ndim=2)
-    D.check_tensor("t", t, ndim=2)
-    device = D.check_same_device(x=x, t=t)
+    check_tensor("x", x, ndim=2)
+    check_tensor("t", t, ndim=2)
+    device = check_same_device(x=x, t=t)
     if x.shape != t.shape:
         raise ValueError(f"x and t must have the same shape (N, D); got {tuple(x.shape)} and {tuple(t.shape)}")
     if x.shape[1] < 1:
@@ -35,9 +36,9 @@ def contrastive_loss(x, t, scale, *, group=None, backend="auto", validate=True) 
     dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
     scale = _as_scale(scale, dtype, device, validate)
     if validate:
-        D.check_finite("x", x)
-        D.check_finite("t", t)
-    impl = D.resolve("contrastive_loss", backend, device)
+        check_finite("x", x)
+        check_finite("t", t)
+    impl = resolve("contrastive_loss", backend, device)
     if group is not None:
         _distributed.check_same_across_ranks("the feature dimension D of x and t", (x.shape[1],), group, device)
         sizes = _distributed.gather_sizes(x.shape[0], group, device)  # x and t have the same rows

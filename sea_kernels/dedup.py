@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch as D
+from .validation import check_finite, check_int_tensor, check_same_device, check_tensor
 
 
 def dedup_labels(labels, *, valid=None, priority=None, generator=None) -> torch.Tensor:
@@ -15,7 +15,7 @@ def dedup_labels(labels, *, valid=None, priority=None, generator=None) -> torch.
     a label, the one with the smallest priority is kept (ties go to the smaller index).
     Returns a bool mask ``(N,)``; invalid entries are never kept.
     """
-    D.check_int_tensor("labels", labels, 1)
+    check_int_tensor("labels", labels, 1)
     n = labels.shape[0]
     if valid is None:
         valid = torch.ones(n, dtype=torch.bool, device=labels.device)
@@ -28,11 +28,11 @@ def dedup_labels(labels, *, valid=None, priority=None, generator=None) -> torch.
             raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
         priority = torch.rand(n, generator=generator, device=labels.device)
     else:
-        D.check_tensor("priority", priority, ndim=1)
+        check_tensor("priority", priority, ndim=1)
         if priority.shape[0] != n:
             raise ValueError(f"priority must have the shape of labels, ({n},); got {tuple(priority.shape)}")
-        D.check_finite("priority", priority)
-    D.check_same_device(labels=labels, valid=valid, priority=priority)
+        check_finite("priority", priority)
+    check_same_device(labels=labels, valid=valid, priority=priority)
 
     # Stable sorts: by priority (ties keep index order), then by label (keeps priority order).
     order = torch.argsort(priority, stable=True)
@@ -53,10 +53,10 @@ def word_embeddings(labels, token_ids, weight, *, pad_id=-1) -> torch.Tensor:
     at least one token per word; ``weight`` ``(V, D)``. Returns ``(N, D)`` in ``weight``'s dtype
     (accumulated in float32), differentiable with respect to ``weight``.
     """
-    D.check_int_tensor("labels", labels, 1)
-    D.check_int_tensor("token_ids", token_ids, 2)
-    D.check_tensor("weight", weight, ndim=2)
-    D.check_same_device(labels=labels, token_ids=token_ids, weight=weight)
+    check_int_tensor("labels", labels, 1)
+    check_int_tensor("token_ids", token_ids, 2)
+    check_tensor("weight", weight, ndim=2)
+    check_same_device(labels=labels, token_ids=token_ids, weight=weight)
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
         raise TypeError(f"pad_id must be an int; got {type(pad_id).__name__}")
     q, vocab_size = token_ids.shape[0], weight.shape[0]

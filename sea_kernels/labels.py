@@ -16,7 +16,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch as D
+from ._common import compute_dtype
+from .dispatch import resolve
+from .validation import check_feature_dims, check_finite, check_int, check_same_device, check_tensor, resolve_grid
 
 
 class TopK(NamedTuple):
@@ -29,11 +31,6 @@ class PatchLabels(NamedTuple):
     label: torch.Tensor
     score: torch.Tensor
     valid: torch.Tensor
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def num_windows(grid: tuple[int, int], window: int) -> int:
@@ -65,17 +62,17 @@ def cosine_topk(patches, vocab, k=10, *, negate=False, backend="auto", validate=
     Returns ``TopK(values, indices)``, each ``(..., k)``: scores ``s_j = cos(patch, vocab_j)``
     (``-cos`` when ``negate``) as float32 sorted descending, and their int64 vocabulary indices.
     """
-    D.check_tensor("patches", patches, min_ndim=1)
-    D.check_tensor("vocab", vocab, ndim=2)
-    device = D.check_same_device(patches=patches, vocab=vocab)
-    D.check_feature_dims("patches", patches, "vocab", vocab)
-    k = D.check_int("k", k, 1, vocab.shape[0])
+    check_tensor("patches", patches, min_ndim=1)
+    check_tensor("vocab", vocab, ndim=2)
+    device = check_same_device(patches=patches, vocab=vocab)
+    check_feature_dims("patches", patches, "vocab", vocab)
+    k = check_int("k", k, 1, vocab.shape[0])
     if not isinstance(negate, bool):
         raise TypeError(f"negate must be a bool; got {type(negate).__name__}")
     if validate:
-        D.check_finite("patches", patches)
-        D.check_finite("vocab", vocab)
-    impl = D.resolve("cosine_topk", backend, device)
+        check_finite("patches", patches)
+        check_finite("vocab", vocab)
+    impl = resolve("cosine_topk", backend, device)
     lead = patches.shape[:-1]
     values, indices = impl(patches.reshape(-1, patches.shape[-1]), vocab, k, negate)
     return TopK(values.reshape(*lead, k), indices.reshape(*lead, k))
@@ -116,13 +113,13 @@ def patch_labels(
     (``patch = label = -1``, ``score = 0``). Returns ``PatchLabels(patch, label, score, valid)``,
     each ``(B, n_windows)``: int64, int64, float32, bool.
     """
-    D.check_tensor("patches", patches, ndim=3)
-    D.check_tensor("vocab", vocab, ndim=2)
-    device = D.check_same_device(patches=patches, vocab=vocab)
-    D.check_feature_dims("patches", patches, "vocab", vocab)
-    hw = D.resolve_grid(grid, patches.shape[1])
-    top_n = D.check_int("top_n", top_n, 1, vocab.shape[0])
-    window = D.check_int("window", window, 1)
+    check_tensor("patches", patches, ndim=3)
+    check_tensor("vocab", vocab, ndim=2)
+    device = check_same_device(patches=patches, vocab=vocab)
+    check_feature_dims("patches", patches, "vocab", vocab)
+    hw = resolve_grid(grid, patches.shape[1])
+    top_n = check_int("top_n", top_n, 1, vocab.shape[0])
+    window = check_int("window", window, 1)
     if not isinstance(negate, bool):
         raise TypeError(f"negate must be a bool; got {type(negate).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -131,17 +128,17 @@ def patch_labels(
     if uniforms is None:
         uniforms = torch.rand(shape, generator=generator, device=device)
     else:
-        D.check_tensor("uniforms", uniforms)
+        check_tensor("uniforms", uniforms)
         if tuple(uniforms.shape) != shape:
             raise ValueError(f"uniforms must have shape (B, n_windows, 2) = {shape}; got {tuple(uniforms.shape)}")
-        D.check_same_device(patches=patches, uniforms=uniforms)
+        check_same_device(patches=patches, uniforms=uniforms)
         if validate and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
             raise ValueError("uniforms must lie in [0, 1)")
         uniforms = uniforms.float()
     if validate:
-        D.check_finite("patches", patches)
-        D.check_finite("vocab", vocab)
-    impl = D.resolve("patch_labels", backend, device)
+        check_finite("patches", patches)
+        check_finite("vocab", vocab)
+    impl = resolve("patch_labels", backend, device)
     return PatchLabels(*impl(patches, vocab, hw, top_n, window, negate, uniforms))
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _dispatch
 from .contrastive import contrastive_loss
+from .dispatch import available_backends
 from .labels import cosine_topk, patch_labels
 
 
@@ -62,16 +62,16 @@ def run(device: str = "cpu", dtype: torch.dtype = torch.float32, size: str = "sm
 
     ref_loss = loss_and_grads("reference")
     for backend in ["reference", "cpu", "triton"]:
-        if backend in _dispatch.available_backends("cosine_topk", dev):
+        if backend in available_backends("cosine_topk", dev):
             out, ms = _timed(lambda b=backend: cosine_topk(patches, vocab, 10, backend=b), dev)
             err = (out.values - ref_topk.values).abs().max().item()
             same = (out.indices == ref_topk.indices).float().mean().item()
             rows.append(Row("cosine_topk", backend, str(dtype), f"{err:.1e} ({same:.1%} idx equal)", ms))
-        if backend in _dispatch.available_backends("patch_labels", dev):
+        if backend in available_backends("patch_labels", dev):
             out, ms = _timed(lambda b=backend: patch_labels(patches, vocab, uniforms=uniforms, backend=b), dev)
             same = ((out.patch == ref_labels.patch) & (out.label == ref_labels.label)).float().mean().item()
             rows.append(Row("patch_labels", backend, str(dtype), f"{same:.1%} pairs equal", ms))
-        if backend in _dispatch.available_backends("contrastive_loss", dev):
+        if backend in available_backends("contrastive_loss", dev):
             out, ms = _timed(lambda b=backend: loss_and_grads(b), dev)
             err = max((a.float() - r.float()).abs().max().item() for a, r in zip(out, ref_loss))
             rows.append(Row("contrastive_loss fwd+bwd", backend, str(dtype), f"{err:.1e}", ms))

@@ -33,19 +33,15 @@ def _selfcheck(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
 
-    from sea_kernels import _dispatch, selfcheck
+    from sea_kernels import available_backends, backends, selfcheck
+    from sea_kernels.dispatch import OPS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     print(f"sea selfcheck: torch {torch.__version__}, device {device}, dtype {args.dtype}, size {args.size}")
     rows = selfcheck.run(device, dtype, args.size)
     print(selfcheck.format_table(rows))
-    missing = [
-        f"{op}: {b}"
-        for op in _dispatch._IMPLEMENTATIONS
-        for b in _dispatch._IMPLEMENTATIONS[op]
-        if b not in _dispatch.available_backends(op, device)
-    ]
+    missing = [f"{op}: {b}" for op in OPS for b in backends(op) if b not in available_backends(op, device)]
     if missing:
         print("not run on this device: " + ", ".join(missing) + " (triton needs CUDA, or --interpret on CPU)")
     return 0

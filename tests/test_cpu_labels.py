@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sea_kernels.labels as labels
-from sea_kernels import _dispatch as D
+from sea_kernels import dispatch
 from sea_kernels.cpu import _build
 from sea_kernels.cpu import labels as cpu_labels
 from sea_kernels.cpu._build import load_extension
@@ -276,9 +276,9 @@ def test_sampling_epilogue_is_exact():
 
 
 def test_dispatch_uses_the_cpu_backend():
-    assert D.resolve("cosine_topk", "cpu", torch.device("cpu")) is cpu_labels.cosine_topk
-    assert D.resolve("patch_labels", "cpu", torch.device("cpu")) is cpu_labels.patch_labels
-    assert D.resolve("patch_labels", "auto", torch.device("cpu")) is cpu_labels.patch_labels
+    assert dispatch.resolve("cosine_topk", "cpu", torch.device("cpu")) is cpu_labels.cosine_topk
+    assert dispatch.resolve("patch_labels", "cpu", torch.device("cpu")) is cpu_labels.patch_labels
+    assert dispatch.resolve("patch_labels", "auto", torch.device("cpu")) is cpu_labels.patch_labels
     patches, vocab, u = labels_inputs(2, (4, 4), 120, 16, torch.float32, True, seed=1)
     got = labels.patch_labels(patches, vocab, top_n=5, negate=True, uniforms=u, backend="cpu")
     ref = labels.patch_labels(patches, vocab, top_n=5, negate=True, uniforms=u, backend="reference")

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from sea_kernels import _dispatch
+from sea_kernels import backends
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +26,7 @@ CANDIDATES = ("reference", "cpu", "triton")
 
 
 def _backends() -> list[str]:
-    return [b for b in CANDIDATES if b in _dispatch._IMPLEMENTATIONS["contrastive_loss"]]
+    return [b for b in CANDIDATES if b in backends("contrastive_loss")]
 
 
 def _global_rows(sizes, dim, seed):
@@ -121,7 +121,7 @@ def test_backends_under_test(runs):
     _, backends = runs
     assert {"reference", "cpu"} <= set(backends)
     if "triton" not in backends:
-        pytest.skip("the triton contrastive backend is not registered in _dispatch yet")
+        pytest.skip("the triton contrastive backend is not registered in sea_kernels.dispatch yet")
 
 
 @pytest.mark.parametrize("case", range(len(LOSS_CASES)))

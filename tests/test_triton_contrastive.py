@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sea_kernels import _dispatch, contrastive_loss
+from sea_kernels import available_backends, contrastive_loss
 from tests._checks import assert_as_accurate_as_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
-    "triton" not in _dispatch.available_backends("contrastive_loss", DEVICE),
+    "triton" not in available_backends("contrastive_loss", DEVICE),
     reason="triton backend unavailable (no triton, or CPU without TRITON_INTERPRET=1)",
 )
 

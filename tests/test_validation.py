@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sea_kernels import _dispatch, cosine_topk, patch_labels
+from sea_kernels import available_backends, backends, cosine_topk, dispatch, patch_labels
 
 P = torch.randn(2, 16, 8)
 V = torch.randn(20, 8)
@@ -68,7 +68,7 @@ def test_validate_false_skips_only_the_value_checks():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    if "triton" not in _dispatch._IMPLEMENTATIONS["cosine_topk"]:
+    if "triton" not in backends("cosine_topk"):
         pytest.skip("no triton backend registered")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
@@ -76,10 +76,10 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 def test_auto_resolves_to_an_existing_backend():
-    for op in _dispatch._IMPLEMENTATIONS:
-        fn = _dispatch.resolve(op, "auto", torch.device("cpu"))
+    for op in dispatch.OPS:
+        fn = dispatch.resolve(op, "auto", torch.device("cpu"))
         assert callable(fn)
-        assert "reference" in _dispatch.available_backends(op, "cpu")
+        assert "reference" in available_backends(op, "cpu")
 
 
 def test_integer_like_arguments_are_accepted():
@@ -89,3 +89,10 @@ def test_integer_like_arguments_are_accepted():
     assert a.values.shape == (3, 2)
     b = patch_labels(P, V, top_n=np.int32(3), window=np.int64(2), grid=(np.int64(4), 4), backend="reference")
     assert b.patch.shape == (2, 4)
+
+
+def test_backends_names_the_implementations_and_refuses_unknown_ops():
+    assert backends("contrastive_loss")[0] == "reference"
+    assert set(backends("cosine_topk")) <= set(dispatch.BACKENDS) - {"auto"}
+    with pytest.raises(ValueError, match="op must be one of"):
+        backends("no_such_op")

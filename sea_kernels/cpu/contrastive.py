@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from .._common import NORM_EPS
 from ._build import choose_extension
 
-NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 DEFAULT_TILE: int | None = None  # None: auto_tile(); tests set small tiles here
 MAX_TILE = 1024  # a 4 MB float32 block: MKL runs near its peak, the block stays small
 BLOCK_BYTES = 4 << 20  # cap on one (tile x D) float32 block: tile <= 1M / D

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..labels import PatchLabels, TopK, compute_dtype, sample_windows
+from .._common import compute_dtype
+from ..labels import PatchLabels, TopK, sample_windows
 from ._build import choose_extension
 
 # Chunked fallback: vocabulary rows per chunk, and a cap on the elements of one score block.

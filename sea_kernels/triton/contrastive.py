@@ -68,10 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpret
+from .._common import NORM_EPS, triton_interpret
 from ..contrastive import contrastive_loss_reference
-
-NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 
 _INTERPRET = triton_interpret()
 # float32 x float32 products (float32 inputs): "ieee" (CUDA cores, as the reference's matmuls) by default;

@@ -39,15 +39,14 @@ float64 inputs are computed in float32; bfloat16 under the interpreter is cast t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .._common import NORM_EPS
+from .._common import triton_interpret as _interpreting
 from ..labels import cosine_topk_reference, num_windows, sample_windows
 
-EPS = 1e-12  # torch.nn.functional.normalize's default
 MAX_K_PAD = 128  # largest padded k the kernel keeps in registers
 MAX_WW_PAD = 64  # largest padded window area of the fused patch_labels kernel
 AUTOTUNE_MIN_SCORES = 1 << 24  # smaller calls (rows x q) run the first fitting config, untuned
@@ -322,10 +321,6 @@ _tuned_kernel = triton.autotune(
 )(triton.heuristics({"EVEN_K": lambda a: a["D"] % a["BLOCK_K"] == 0})(_labels_kernel))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _launch(n_units: int, rows_per_unit: int, n_scores: int, d: int, *args, **const) -> None:
     """Run the kernel over ``n_units`` row groups (rows for cosine_topk, windows for patch_labels).
 
@@ -362,7 +357,7 @@ def _operands(patches: torch.Tensor, vocab: torch.Tensor) -> tuple[torch.Tensor,
 
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     """``1 / max(|x|, eps)`` over the last dim in float32, as ``F.normalize`` (no float32 copy of ``x``)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(EPS).reciprocal().contiguous()
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal().contiguous()
 
 
 def _chunked_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool):

@@ -110,7 +110,7 @@ def backends(op: str, device="cpu") -> list[str]:
         from .stage1 import STAGE1_BACKENDS
 
         return list(STAGE1_BACKENDS)
-    from sea_kernels._dispatch import available_backends
+    from sea_kernels import available_backends
 
     kernel_op = {"topk": "cosine_topk", "labels": "patch_labels", "loss": "contrastive_loss"}[op]
     dev = torch.device(device)
