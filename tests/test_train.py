@@ -282,6 +282,36 @@ def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
         train(config(setup, stage1.out_dir))
 
 
+# --------------------------------------------------------------------------- one step function
+
+
+def test_trainer_and_stage1_benchmark_share_one_step(setup, tmp_path, monkeypatch):
+    """Both call sea_model.train.forward_backward_step through train_step: a copy in either breaks this."""
+    from sea_model import train as trainer
+    from sea_model.bench import stage1 as bench_stage1
+
+    seen = []
+    real = trainer.forward_backward_step
+
+    def spy(s, batch, **kw):
+        out = real(s, batch, **kw)
+        seen.append((kw["accum"], out.loss.detach().clone()))
+        return out
+
+    monkeypatch.setattr(trainer, "forward_backward_step", spy)
+    params = dict(tower="demo", llm="demo", batch=2, text=4, q=50, word_tokens=2, top_n=3, dtype="float32")
+    try:
+        step, (batch,) = bench_stage1.stage1_case("sea-reference", "cpu", warmup_steps=0, **params)
+        loss = step(batch)
+    finally:
+        bench_stage1.clear_cache()
+    assert len(seen) == 1 and seen[0][0] == 1 and loss == pytest.approx(seen[0][1].item(), rel=1e-12)
+    seen.clear()
+    result = train(config(setup, tmp_path, max_steps=2, save_every=0, plot=False), tokenizer=setup["tok"])
+    assert [a for a, _ in seen] == [2] * 4  # 2 steps x 2 micro-batches (global 4, micro 2)
+    assert result.history[0]["loss"] == pytest.approx(sum(v.item() for _, v in seen[:2]) / 2, rel=1e-6)
+
+
 # --------------------------------------------------------------------------- distributed
 
 
