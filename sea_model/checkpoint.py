@@ -15,10 +15,12 @@ A checkpoint is a directory ``<out_dir>/checkpoint-<step, 7 digits>/``:
   ... for ``mlp2x_gelu``), loadable by LLaVA's ``--pretrain_mm_mlp_adapter``; the final one is
   also copied to ``<out_dir>/mm_projector.bin``.
 
-Each checkpoint is written into ``.checkpoint-<step>.tmp/`` and renamed into place
-(``os.replace``), so a directory named ``checkpoint-*`` is always complete; only the last
-``keep_last`` are kept. Loading never unpickles arbitrary objects: tensors come from safetensors,
-state from JSON or ``torch.load(weights_only=True)``; a missing, truncated or foreign file raises
+:class:`Checkpointer` is given a run's stateful objects (model, optimizer, scheduler, SEA's
+generator, the trainer's progress) once and saves or restores them by step. Each checkpoint is
+written into ``.checkpoint-<step>.tmp/`` and renamed into place (``os.replace``), so a directory
+named ``checkpoint-*`` is always complete; only the last ``keep_last`` are kept. Loading never
+unpickles arbitrary objects: tensors come from safetensors, state from JSON or
+``torch.load(weights_only=True)``; a missing, truncated or foreign file raises
 :class:`CheckpointError` naming the file and what is wrong.
 """
 

@@ -39,7 +39,7 @@ STAGE_DEFAULTS = {
 
 def stage_defaults_text() -> str:
     """:data:`STAGE_DEFAULTS` in words (the CLI's help)."""
-    return "; ".join(
+    return "\n  ".join(
         f"stage {s} lr {d['lr']:g}, global batch {d['global_batch_size']}, micro batch {d['micro_batch_size']}, "
         f"template {d['template']}"
         for s, d in STAGE_DEFAULTS.items()

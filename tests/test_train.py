@@ -113,16 +113,6 @@ def test_config_file_overrides_and_stage_defaults(tmp_path):
         load_run_config(path, [("model.adapter.depth", "2")])
 
 
-def test_cli_print_config(tmp_path, capsys):
-    from sea_model import cli
-
-    assert cli.main(["train", "--stage", "2", "--print_config", "--train.lr", "3e-4", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "lr: 0.0003" in printed and "stage: 2" in printed and f"out_dir: {tmp_path}" in printed
-    assert cli.main(["train", "--stage", "1", "--train.nope", "1"]) == 2
-    assert "unknown key train.nope" in capsys.readouterr().err
-
-
 def test_stream_sampler_resumes_and_splits_ranks():
     def take(sampler, k):
         it = iter(sampler)
