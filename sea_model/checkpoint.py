@@ -15,10 +15,12 @@ A checkpoint is a directory ``<out_dir>/checkpoint-<step, 7 digits>/``:
   ... for ``mlp2x_gelu``), loadable by LLaVA's ``--pretrain_mm_mlp_adapter``; the final one is
   also copied to ``<out_dir>/mm_projector.bin``.
 
-Each checkpoint is written into ``.checkpoint-<step>.tmp/`` and renamed into place
-(``os.replace``), so a directory named ``checkpoint-*`` is always complete; only the last
-``keep_last`` are kept. Loading never unpickles arbitrary objects: tensors come from safetensors,
-state from JSON or ``torch.load(weights_only=True)``; a missing, truncated or foreign file raises
+:class:`Checkpointer` is given a run's stateful objects (model, optimizer, scheduler, SEA's
+generator, the trainer's progress) once and saves or restores them by step. Each checkpoint is
+written into ``.checkpoint-<step>.tmp/`` and renamed into place (``os.replace``), so a directory
+named ``checkpoint-*`` is always complete; only the last ``keep_last`` are kept. Loading never
+unpickles arbitrary objects: tensors come from safetensors, state from JSON or
+``torch.load(weights_only=True)``; a missing, truncated or foreign file raises
 :class:`CheckpointError` naming the file and what is wrong.
 """
 
@@ -292,110 +294,142 @@ def _gather_weights(model, names: list[str], main: bool) -> dict[str, torch.Tens
     return out
 
 
-def save_checkpoint(
-    out_dir: str | os.PathLike,
-    step: int,
-    *,
-    model,
-    tokenizer,
-    run_config: dict,
-    stage: int,
-    optimizer,
-    scheduler,
-    state: dict,
-    sea_generator: torch.Generator,
-    rank: int = 0,
-    world: int = 1,
-    keep_last: int = 2,
-) -> Path:
-    """Write ``<out_dir>/checkpoint-<step>`` atomically (collective when ``world > 1``; the
-    directory must be on a file system every rank sees). Returns its path."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+class Checkpointer:
+    """Saves a run's stateful objects as ``<out_dir>/checkpoint-<step>`` and restores them.
 
-    def barrier():
-        if world > 1:
+    It is given the objects once (as torchtitan's ``CheckpointManager``): ``model`` (the unwrapped
+    model; FSDP2 shards are gathered), ``optimizer``, ``scheduler``, ``generator`` (SEA's sampling
+    generator) and ``progress`` (any object with ``state_dict()``/``load_state_dict()`` holding at
+    least ``step``, ``samples_seen``, ``elapsed`` and ``world_size``: ``trainer_state.json``), plus
+    what describes the run: its ``tokenizer``, ``run_config`` (dict), ``stage``. :meth:`save` is
+    collective when ``world > 1`` (the directory must be on a file system every rank sees)."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        generator: torch.Generator,
+        progress,
+        tokenizer,
+        run_config: dict,
+        stage: int,
+        rank: int = 0,
+        world: int = 1,
+        keep_last: int = 2,
+    ):
+        self.out_dir, self.keep_last = Path(out_dir), keep_last
+        self.model, self.optimizer, self.scheduler, self.generator = model, optimizer, scheduler, generator
+        self.progress, self.tokenizer, self.run_config, self.stage = progress, tokenizer, run_config, stage
+        self.rank, self.world = rank, world
+        self.last: Path | None = None  # the last checkpoint saved
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def _barrier(self) -> None:
+        if self.world > 1:
             torch.distributed.barrier()
 
-    out_dir = Path(out_dir)
-    main = rank == 0
-    name = checkpoint_name(step)
-    final, tmp = out_dir / name, out_dir / f".{name}.tmp"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    names = saved_parameter_names(model)
-    weights = _gather_weights(model, names, main)
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if main:
+    def save(self, step: int) -> Path:
+        """Write ``checkpoint-<step>`` atomically (into ``.checkpoint-<step>.tmp``, then renamed),
+        keep the last ``keep_last``; returns its path."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        name = checkpoint_name(step)
+        final, tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        names = saved_parameter_names(self.model)
+        weights = _gather_weights(self.model, names, self.main)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.main:
+            self._write_main_files(tmp, step, names, weights, optim)
+        torch.save(_rng_state(self.generator), tmp / rng_file(self.rank))
+        self._barrier()
+        if self.main:
+            self._publish(tmp, final)
+        self._barrier()
+        self.last = final
+        return final
+
+    def _write_main_files(self, tmp: Path, step: int, names: list[str], weights: dict, optim: dict) -> None:
+        from safetensors.torch import save_file
+
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "sea": f"{FORMAT}-v{VERSION}"})
         torch.save(optim, tmp / OPTIMIZER)
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        (tmp / STATE).write_text(json.dumps({**state, "scheduler": sched}, indent=1))
-        tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        if stage == 1:
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        (tmp / STATE).write_text(json.dumps({**self.progress.state_dict(), "scheduler": sched}, indent=1))
+        self.tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        if self.stage == 1:
             torch.save(mm_projector_state(weights), tmp / MM_PROJECTOR)
         info = {
             "format": FORMAT,
             "version": VERSION,
-            "stage": stage,
+            "stage": self.stage,
             "step": step,
-            "model": run_config["model"],
-            "run": run_config,
+            "model": self.run_config["model"],
+            "run": self.run_config,
             "weights": names,
         }
         (tmp / CONFIG).write_text(json.dumps(info, indent=1))
-    torch.save(_rng_state(sea_generator), tmp / rng_file(rank))
-    barrier()
-    if main:
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename ``tmp`` to ``final`` (replacing a checkpoint of the same step), prune old ones."""
         if final.exists():  # a rerun of this step (after a resume): replace it
-            old = out_dir / f".{name}.old"
+            old = self.out_dir / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
-        for stale in list_checkpoints(out_dir)[: -max(1, keep_last)]:
+        for stale in list_checkpoints(self.out_dir)[: -max(1, self.keep_last)]:
             shutil.rmtree(stale)
-        for partial in out_dir.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+        for partial in self.out_dir.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
             shutil.rmtree(partial, ignore_errors=True)
-    barrier()
-    return final
 
+    def load(self, ckpt: str | os.PathLike) -> dict:
+        """Restore optimizer, scheduler, this rank's RNG states and ``progress`` from ``ckpt``
+        (weights are loaded before, by :func:`load_weights`); returns ``trainer_state.json``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-# --------------------------------------------------------------------------- resuming
+        ckpt = Path(ckpt)
+        state = _read_json(ckpt / STATE)
+        for key in ("step", "samples_seen", "elapsed", "world_size", "scheduler"):
+            if key not in state:
+                raise CheckpointError(f"{ckpt / STATE}: key {key!r} is missing")
+        optim = _torch_load(ckpt / OPTIMIZER)
+        try:
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, optim, options=options)
+        except Exception as err:
+            raise CheckpointError(f"{ckpt / OPTIMIZER}: does not fit this run's optimizer ({err})") from None
+        lambdas = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
+        self._load_rng(ckpt, state["world_size"])
+        self.progress.load_state_dict(state)
+        return state
 
-
-def load_training_state(ckpt, model, optimizer, scheduler, sea_generator, *, rank: int = 0, world: int = 1) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG states; returns ``trainer_state.json``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    ckpt = Path(ckpt)
-    state = _read_json(ckpt / STATE)
-    for key in ("step", "samples_seen", "elapsed", "world_size", "scheduler"):
-        if key not in state:
-            raise CheckpointError(f"{ckpt / STATE}: key {key!r} is missing")
-    optim = _torch_load(ckpt / OPTIMIZER)
-    try:
-        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
-    except Exception as err:
-        raise CheckpointError(f"{ckpt / OPTIMIZER}: does not fit this run's optimizer ({err})") from None
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    if state["world_size"] != world:
-        log.warning(
-            "%s was written by %d process(es), this run has %d: data order is kept, "
-            "random streams are not (not an exact continuation)",
-            ckpt,
-            state["world_size"],
-            world,
-        )
-    rng_path = ckpt / rng_file(rank)
-    if rng_path.is_file() or state["world_size"] == world:
-        rng = _torch_load(rng_path)
-        if not isinstance(rng, dict) or not {"torch", "cuda", "sea", "python", "numpy"} <= set(rng):
-            raise CheckpointError(f"{rng_path}: not a sea RNG state")
-        _set_rng_state(rng, sea_generator)
-    return state
+    def _load_rng(self, ckpt: Path, saved_world: int) -> None:
+        if saved_world != self.world:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: data order is kept, "
+                "random streams are not (not an exact continuation)",
+                ckpt,
+                saved_world,
+                self.world,
+            )
+        rng_path = ckpt / rng_file(self.rank)
+        if rng_path.is_file() or saved_world == self.world:
+            rng = _torch_load(rng_path)
+            if not isinstance(rng, dict) or not {"torch", "cuda", "sea", "python", "numpy"} <= set(rng):
+                raise CheckpointError(f"{rng_path}: not a sea RNG state")
+            _set_rng_state(rng, self.generator)
 
 
 # --------------------------------------------------------------------------- inference

@@ -17,13 +17,14 @@ import sys
 
 TRAIN_EPILOG = """\
 configuration: a YAML file with sections model, data, train (fields of sea_model.model.ModelConfig,
-sea_model.train.DataConfig and TrainConfig), then any field overridden by its dotted name:
+sea_model.config.DataConfig and TrainConfig), then any field overridden by its dotted name:
   --train.lr 1e-3  --train.global_batch_size 256  --model.sea.enabled false
   --data.json_path data/blip_laion_cc_sbu_558k.json  --data.image_folder data/images
   --model.llm.hidden_size 64   (inside a config dict)   --train.max_steps=100   (= also works)
 Values are YAML scalars (true/false, null, numbers, strings, [lists]) converted to the field's type.
-Stage defaults (LLaVA-1.5): stage 1 lr 1e-3, global batch 256, micro batch 32, template plain;
-stage 2 lr 2e-5, global batch 128, micro batch 16, template auto. Several GPUs (DDP; --fsdp shards stage 2):
+Stage defaults (LLaVA-1.5):
+  {defaults}
+Several GPUs (DDP; --fsdp shards stage 2):
   torchrun --nproc_per_node 8 -m sea_model.cli train --stage 1 --config configs/stage1.yaml
 Use --print_config to see the resolved configuration."""
 
@@ -156,10 +157,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sea", description="Supervised Embedding Alignment for multimodal LLMs")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train both stages on a synthetic dataset (CPU, offline, about a minute)")
     p.add_argument("--out", default="sea-demo", help="output directory (default ./sea-demo)")
     p.add_argument("--quick", action="store_true", help="a few steps only (seconds; for tests)")
@@ -174,10 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_demo)
 
+
+def _train_parser(sub) -> None:
+    from .config import stage_defaults_text
+
     p = sub.add_parser(
         "train",
         help="run one training stage (stage 1: adapter + SEA; stage 2: adapter + LLM)",
-        epilog=TRAIN_EPILOG,
+        epilog=TRAIN_EPILOG.format(defaults=stage_defaults_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
         usage="sea train --stage {1,2} [--config FILE] [--resume DIR|latest] [--init_from DIR] [--out DIR] [--fsdp] "
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(func=_train, takes_overrides=True)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer a prompt about an image with a trained checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or output directory (its latest checkpoint)")
     p.add_argument("--image", default=None, help="an image file (omit for a text-only prompt)")
@@ -205,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(func=_generate)
 
+
+def _selfcheck_parser(sub) -> None:
     p = sub.add_parser("selfcheck", help="run every op with every available backend and print errors and times")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -212,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpret", action="store_true", help="run Triton kernels on CPU with TRITON_INTERPRET=1 (slow)")
     p.set_defaults(func=_selfcheck)
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="time and peak memory of every op and backend against the reference, and SEA's share of a Stage-1 step",
@@ -234,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
+
+
+SUBCOMMANDS = (_demo_parser, _train_parser, _generate_parser, _selfcheck_parser, _bench_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sea", description="Supervised Embedding Alignment for multimodal LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

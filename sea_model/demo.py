@@ -191,7 +191,7 @@ def sea_words() -> list[str]:
     return own + [w for w in wordfreq_words(SEA_WORDS + len(own)).words if w not in own][:SEA_WORDS]
 
 
-SIZES_BY_MODE = {
+RUN_SIZES = {
     # images, stage-1/2 (steps, global batch, lr), micro batch
     "default": {"images": 512, "stage1": (60, 32, 1e-3), "stage2": (300, 32, 2e-3), "micro": 32},
     "quick": {"images": 24, "stage1": (3, 8, 1e-3), "stage2": (3, 8, 3e-3), "micro": 8},
@@ -214,14 +214,8 @@ def run(
     is as fast as several on an idle machine and much faster on a busy one."""
     import torch
 
-    from . import checkpoint as ckpt
-    from .model import ModelConfig, SEAConfig, answer
-    from .tiny import tiny_clip_config, tiny_llm_config
-    from .train import DataConfig, RunConfig, TrainConfig, train
-    from .vision import VisionConfig
-
     start = time.time()
-    sizes = SIZES_BY_MODE["quick" if quick else "default"]
+    sizes = RUN_SIZES["quick" if quick else "default"]
     out = Path(out)
     for sub in ("data", "stage1", "stage2"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -229,16 +223,30 @@ def run(
     if threads is not None:
         torch.set_num_threads(threads)
 
-    # 1. data, tokenizer, vocabulary
     print(f"sea demo: writing {sizes['images']} synthetic scenes to {out / 'data'}", flush=True)
     scenes, pretrain_json, finetune_json = write_dataset(out / "data", sizes["images"], seed=seed)
-    words = sea_words()
-    (out / "data" / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = demo_tokenizer(words)
-    tokenizer.save_pretrained(str(out / "data" / "tokenizer"))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer, model_config = _tokenizer_and_model(out / "data", backend)
+    common = dict(micro_batch_size=sizes["micro"], save_every=0, keep_last=1, seed=seed, device=device)
+    common.update(progress=progress)
+    stage1 = _stage(1, out, model_config, pretrain_json, sizes["stage1"], common, tokenizer=tokenizer)
+    stage2 = _stage(2, out, model_config, finetune_json, sizes["stage2"], common)
+    asked = _ask(out, seed, device)
+    result = {"out": out, "stage1": stage1, "stage2": stage2, **asked, "elapsed": time.time() - start}
+    print(_summary(result, device, len(scenes)), flush=True)
+    return result
 
-    # 2. tiny random models
+
+def _tokenizer_and_model(data: Path, backend: str):
+    """The demo's tokenizer (saved under ``data/tokenizer``), its SEA word list (``data/vocab.txt``)
+    and the tiny random model's configuration."""
+    from .model import ModelConfig, SEAConfig
+    from .tiny import tiny_clip_config, tiny_llm_config
+    from .vision import VisionConfig
+
+    words = sea_words()
+    (data / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = demo_tokenizer(words)
+    tokenizer.save_pretrained(str(data / "tokenizer"))
     model_config = ModelConfig(
         vision=VisionConfig(
             name="demo-clip",
@@ -251,97 +259,79 @@ def run(
             intermediate_size=256,
             num_attention_heads=4,
             num_key_value_heads=4,
-            eos_token_id=im_end,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
             max_position_embeddings=128,
         ),
-        tokenizer=str(out / "data" / "tokenizer"),
-        sea=SEAConfig(words=str(out / "data" / "vocab.txt"), top_n=3, backend=backend, cache_dir=str(out / "cache")),
+        tokenizer=str(data / "tokenizer"),
+        sea=SEAConfig(words=str(data / "vocab.txt"), top_n=3, backend=backend, cache_dir=str(data.parent / "cache")),
     )
-    images = str(out / "data" / "images")
-    common = {
-        "micro_batch_size": sizes["micro"],
-        "save_every": 0,
-        "keep_last": 1,
-        "seed": seed,
-        "device": device,
-        "progress": progress,
-    }
+    return tokenizer, model_config
 
-    # 3. stage 1: adapter (+ SEA's temperature) with L_gen + L_align
-    steps, batch, lr = sizes["stage1"]
-    print(f"sea demo: stage 1, {steps} steps of {batch} captions (adapter + SEA)", flush=True)
-    stage1 = train(
-        RunConfig(
-            model=model_config,
-            data=DataConfig(
-                json_path=str(pretrain_json), image_folder=images, template="plain", max_length=64, num_workers=0
-            ),
-            train=TrainConfig(
-                stage=1, out_dir=str(out / "stage1"), lr=lr, global_batch_size=batch, max_steps=steps, **common
-            ),
-        ),
-        tokenizer=tokenizer,
+
+def _stage(stage: int, out: Path, model_config, json_path: Path, size: tuple, common: dict, tokenizer=None):
+    """Stage 1: adapter (+ SEA's temperature) with ``L_gen + L_align`` on the captions; stage 2:
+    adapter + LLM from the stage-1 output, SEA off (as in the paper), on the questions."""
+    from .train import DataConfig, RunConfig, TrainConfig, train
+
+    steps, batch, lr = size
+    what = "captions (adapter + SEA)" if stage == 1 else "conversations (adapter + LLM)"
+    print(f"sea demo: stage {stage}, {steps} steps of {batch} {what}", flush=True)
+    if stage == 2:
+        model_config = dataclasses.replace(model_config, sea=dataclasses.replace(model_config.sea, enabled=False))
+    data = DataConfig(
+        json_path=str(json_path),
+        image_folder=str(out / "data" / "images"),
+        template="plain" if stage == 1 else "chat",
+        max_length=64 if stage == 1 else 96,
+        num_workers=0,
     )
-
-    # 4. stage 2: adapter + LLM from the stage-1 output, SEA off (as in the paper)
-    steps, batch, lr = sizes["stage2"]
-    print(f"sea demo: stage 2, {steps} steps of {batch} conversations (adapter + LLM)", flush=True)
-    stage2 = train(
-        RunConfig(
-            model=dataclasses.replace(model_config, sea=dataclasses.replace(model_config.sea, enabled=False)),
-            data=DataConfig(
-                json_path=str(finetune_json), image_folder=images, template="chat", max_length=96, num_workers=0
-            ),
-            train=TrainConfig(
-                stage=2,
-                out_dir=str(out / "stage2"),
-                init_from=str(out / "stage1"),
-                lr=lr,
-                global_batch_size=batch,
-                max_steps=steps,
-                **common,
-            ),
-        ),
+    init_from = str(out / "stage1") if stage == 2 else None
+    train_config = TrainConfig(
+        stage=stage,
+        out_dir=str(out / f"stage{stage}"),
+        init_from=init_from,
+        lr=lr,
+        global_batch_size=batch,
+        max_steps=steps,
+        **common,
     )
+    return train(RunConfig(model=model_config, data=data, train=train_config), tokenizer=tokenizer)
 
-    # 5. a question about a new scene, through the `sea generate` path
+
+def _ask(out: Path, seed: int, device: str) -> dict:
+    """A question about a new scene, answered through the ``sea generate`` path."""
+    from PIL import Image
+
+    from . import checkpoint as ckpt
+    from .model import answer
+
     rng = random.Random(seed + 10_000)
     scene = random_scene(rng)
     image_path = out / "data" / "question.png"
     draw(scene, rng).save(image_path)
     question, truth = scene.questions()[0]
     model, tok, _ = ckpt.load_for_inference(out / "stage2", device=device)
-    from PIL import Image
-
     with Image.open(image_path) as im:
         reply = answer(model, tok, question, im.convert("RGB"), template="chat", max_new_tokens=8)
-    elapsed = time.time() - start
+    return {"question": question, "truth": truth, "answer": reply, "image": image_path, "scene": scene.caption()}
 
-    last1, last2 = stage1.history[-1], stage2.history[-1]
-    first1, first2 = stage1.history[0], stage2.history[0]
-    print(
-        f"\nsea demo: done in {elapsed:.0f} s on {device}\n"
-        f"  data:     {out / 'data'} ({len(scenes)} scenes, pretrain.json, finetune.json, vocab.txt, tokenizer/)\n"
+
+def _summary(r: dict, device: str, n_scenes: int) -> str:
+    out, stage1, stage2 = r["out"], r["stage1"], r["stage2"]
+    first1, last1 = stage1.history[0], stage1.history[-1]
+    first2, last2 = stage2.history[0], stage2.history[-1]
+    no_plot = "(no plot: matplotlib not installed)"
+    return (
+        f"\nsea demo: done in {r['elapsed']:.0f} s on {device}\n"
+        f"  data:     {out / 'data'} ({n_scenes} scenes, pretrain.json, finetune.json, vocab.txt, tokenizer/)\n"
         f"  stage 1:  {stage1.out_dir}  L_gen {first1['loss_gen']:.2f} -> {last1['loss_gen']:.2f}, "
         f"L_align {first1['loss_align']:.2f} -> {last1['loss_align']:.2f}, tau {last1['tau']:.3f}\n"
         f"            checkpoint {stage1.checkpoint}\n"
-        f"            {stage1.metrics}, {stage1.plot or '(no plot: matplotlib not installed)'}, LLaVA "
-        f"adapter {stage1.mm_projector}\n"
+        f"            {stage1.metrics}, {stage1.plot or no_plot}, LLaVA adapter {stage1.mm_projector}\n"
         f"  stage 2:  {stage2.out_dir}  L_gen {first2['loss_gen']:.2f} -> {last2['loss_gen']:.2f}\n"
         f"            checkpoint {stage2.checkpoint}\n"
-        f"            {stage2.metrics}, {stage2.plot or '(no plot: matplotlib not installed)'}\n"
-        f"  question: {question}  (image {image_path}: {scene.caption()})\n"
-        f"  answer:   {reply!r}  (truth: {truth!r})\n"
-        f'  again:    sea generate --checkpoint {out / "stage2"} --image {image_path} --prompt "{question}"',
-        flush=True,
+        f"            {stage2.metrics}, {stage2.plot or no_plot}\n"
+        f"  question: {r['question']}  (image {r['image']}: {r['scene']})\n"
+        f"  answer:   {r['answer']!r}  (truth: {r['truth']!r})\n"
+        f'  again:    sea generate --checkpoint {out / "stage2"} --image {r["image"]} --prompt "{r["question"]}"'
     )
-    return {
-        "out": out,
-        "stage1": stage1,
-        "stage2": stage2,
-        "question": question,
-        "truth": truth,
-        "answer": reply,
-        "image": image_path,
-        "elapsed": elapsed,
-    }

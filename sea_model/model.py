@@ -88,10 +88,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        d = dict(d)
-        d["vision"] = VisionConfig(**d.get("vision", {}))
-        d["sea"] = SEAConfig(**d.get("sea", {}))
-        return cls(**d)
+        """From a nested dict (a checkpoint's ``config.json``, YAML), by :func:`sea_model.config.from_dict`."""
+        from .config import from_dict
+
+        return from_dict(cls, d, "model")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

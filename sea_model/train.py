@@ -3,41 +3,23 @@
 Stage 1 (pretraining, ``blip_laion_cc_sbu_558k.json``, template ``plain``) trains the adapter and
 SEA's log-scale with ``L = L_gen + lambda * L_align``; stage 2 (instruction tuning,
 ``llava_v1_5_mix665k.json``) trains adapter and LLM (and, with ``train.vision_lr``, the vision
-tower: SEA-PRIME) starting from a stage-1 output (``train.init_from``). Defaults are LLaVA-1.5's:
-
-========================  ==========  ==========
-                          stage 1     stage 2
-========================  ==========  ==========
-lr (AdamW, cosine,        1e-3        2e-5
-warmup ratio 0.03)
-global batch              256         128
-micro batch (per device)  32          16
-epochs                    1           1
-========================  ==========  ==========
-
-``global batch = micro batch * accumulation steps * world size``; the accumulation follows.
-
-Configuration: :class:`RunConfig` has three sections, ``model`` (:class:`~sea_model.model.ModelConfig`),
-``data`` (:class:`DataConfig`) and ``train`` (:class:`TrainConfig`). A YAML file gives any of
-them; every field can then be overridden on the command line by its dotted name::
-
-    sea train --stage 1 --config configs/stage1.yaml --train.lr 1e-3 --model.sea.enabled false \\
-        --data.json_path data/blip_laion_cc_sbu_558k.json --model.llm.hidden_size 64
-
-Values are read as YAML scalars (``false``, ``null``, ``1e-3``, ``[1, 2]``) and converted to the
-field's type. ``--stage``, ``--resume``, ``--init_from``, ``--out`` and ``--fsdp`` are shortcuts for
-``--train.stage`` ... ``--train.fsdp``. Precedence: defaults < the model config of ``init_from``
-(or the whole saved run config of ``resume``) < the file < the command line.
-``sea train --print_config`` prints the resolved configuration and exits.
+tower: SEA-PRIME) starting from a stage-1 output (``train.init_from``). The defaults are
+LLaVA-1.5's (:data:`sea_model.config.STAGE_DEFAULTS`; AdamW, cosine schedule, warmup ratio 0.03,
+one epoch). ``global batch = micro batch * accumulation steps * world size``; the accumulation
+follows. The configuration (:class:`~sea_model.config.RunConfig`, its YAML file and dotted
+command-line overrides) is described in :mod:`sea_model.config`.
 
 The loop (:func:`train`), top to bottom: distributed setup, model (built under ``train.seed``,
 weights from ``init_from``/``resume``), freezing, data (a seeded, resumable stream of
 per-epoch permutations), DDP/FSDP wrapping, AdamW + cosine schedule, resume of optimizer,
-schedule, RNG and data position, then steps of ``accum`` micro-batches with bf16 autocast on
-GPU, gradient clipping, metrics (JSONL every step, TensorBoard when installed, a tqdm bar with
-L_gen, L_align, tau and tokens/s), checkpoints every ``save_every`` steps and at the end (the last
-``keep_last`` kept, see :mod:`sea_model.checkpoint`), the LLaVA ``mm_projector.bin`` export
-after stage 1 and a loss plot.
+schedule, RNG and data position (:class:`~sea_model.checkpoint.Checkpointer`), then one
+:func:`train_step` per optimizer step: ``accum`` micro-batches through
+:func:`forward_backward_step` (bf16 autocast on the forward only, on GPU; backward outside it),
+gradient clipping, the loss sums read once, ``optimizer.step()``. Then metrics
+(:mod:`sea_model.metrics`: JSONL every step, TensorBoard when installed, a tqdm bar with L_gen,
+L_align, tau and tokens/s), checkpoints every ``save_every`` steps and at the end (the last
+``keep_last`` kept), the LLaVA ``mm_projector.bin`` export after stage 1 and a loss plot. The
+Stage-1 benchmark (:mod:`sea_model.bench.stage1`) times the same :func:`train_step`.
 
 Distributed: under ``torchrun`` (or with a process group already initialised, as the tests do
 with ``torch.multiprocessing.spawn``), SEA's contrastive loss gathers its pairs from every rank
@@ -55,294 +37,32 @@ SEA sampling generator are saved per rank.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import inspect
-import json
 import logging
 import math
 import os
 import random
 import time
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .model import ModelConfig
+from .config import (  # noqa: F401  (re-exported: the trainer's configuration)
+    STAGE_DEFAULTS,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    load_run_config,
+    parse_overrides,
+)
+from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STAGE_DEFAULTS = {
-    1: {"lr": 1e-3, "global_batch_size": 256, "micro_batch_size": 32, "template": "plain"},
-    2: {"lr": 2e-5, "global_batch_size": 128, "micro_batch_size": 16, "template": "auto"},
-}
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
 CONFIG_FILE = "run_config.yaml"
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class DataConfig:
-    """A LLaVA JSON file and its image folder (see :class:`~sea_model.data.LlavaDataset`).
-
-    ``template`` None means ``plain`` in stage 1 and ``auto`` in stage 2."""
-
-    json_path: str | None = None
-    image_folder: str | None = None
-    template: str | None = None
-    max_length: int = 2048
-    num_workers: int = 4
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, checkpointing and logging. ``None`` fields take the stage's default.
-
-    Args:
-        stage: 1 (adapter + SEA log-scale) or 2 (adapter + LLM).
-        out_dir: checkpoints, ``metrics.jsonl``, ``loss.png``, ``mm_projector.bin`` go here.
-        init_from: stage 2: a stage-1 output directory or checkpoint, or a LLaVA ``mm_projector.bin``.
-        resume: a checkpoint directory, an output directory (its latest checkpoint) or
-            ``"latest"`` (the latest under ``out_dir``); continues that run exactly.
-        lr: peak learning rate of adapter, log-scale and (stage 2) LLM.
-        vision_lr: when set (stage 2), the vision tower trains too at this rate (SEA-PRIME; 2e-6).
-        global_batch_size / micro_batch_size: samples per optimizer step over all ranks / per
-            forward pass per rank; their ratio over the world size is the accumulation.
-        epochs: passes over the data (fractions allowed); ``max_steps`` overrides it.
-        stop_after: end the process after this step as if it were killed there (no final
-            checkpoint); for testing resume.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
-        seed: model initialisation (random parts), data order, SEA sampling (``seed + rank``).
-        save_every: checkpoint every this many steps (0: only at the end); keep_last: how many.
-        fsdp: shard the model with FSDP2 when there is more than one process (stage 2).
-        device: default ``cuda:<local rank>`` when CUDA is available, else ``cpu``.
-        deterministic: ``torch.use_deterministic_algorithms(True)``.
-    """
-
-    stage: int = 1
-    out_dir: str = "runs/sea"
-    init_from: str | None = None
-    resume: str | None = None
-    lr: float | None = None
-    vision_lr: float | None = None
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = 0.03
-    global_batch_size: int | None = None
-    micro_batch_size: int | None = None
-    epochs: float = 1.0
-    max_steps: int | None = None
-    stop_after: int | None = None
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    seed: int = 0
-    save_every: int = 1000
-    keep_last: int = 2
-    fsdp: bool = False
-    device: str | None = None
-    progress: bool = True
-    tensorboard: bool = True
-    plot: bool = True
-    deterministic: bool = False
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
-        return from_dict(cls, d)
-
-    def resolved(self) -> RunConfig:
-        """A copy with the stage defaults filled in, checked."""
-        cfg = copy.deepcopy(self)
-        t = cfg.train
-        if t.stage not in STAGE_DEFAULTS:
-            raise ValueError(f"train.stage must be 1 or 2; got {t.stage!r}")
-        defaults = STAGE_DEFAULTS[t.stage]
-        for key in ("lr", "global_batch_size", "micro_batch_size"):
-            if getattr(t, key) is None:
-                setattr(t, key, defaults[key])
-        if cfg.data.template is None:
-            cfg.data.template = defaults["template"]
-        if t.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.precision must be 'auto', 'bf16' or 'fp32'; got {t.precision!r}")
-        if t.vision_lr is not None and t.stage != 2:
-            raise ValueError("train.vision_lr (training the vision tower) is for stage 2")
-        for key in ("global_batch_size", "micro_batch_size"):
-            if getattr(t, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1; got {getattr(t, key)}")
-        if not 0 <= t.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio must be in [0, 1); got {t.warmup_ratio}")
-        return cfg
-
-
-def _unwrap_optional(tp):
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return [a for a in args if a is not type(None)], type(None) in args
-    return [tp], False
-
-
-def _coerce(value: Any, tp, where: str):
-    """``value`` (from YAML or the command line) as the annotated type ``tp``."""
-    options, optional = _unwrap_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ValueError(f"{where}: may not be null")
-    if dataclasses.is_dataclass(options[0]) and isinstance(value, dict):
-        return from_dict(options[0], value, where)
-    for opt in options:
-        origin = typing.get_origin(opt) or opt
-        try:
-            if opt is bool:
-                if isinstance(value, bool):
-                    return value
-                if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                    return value.lower() in ("true", "yes", "1")
-                if isinstance(value, int) and value in (0, 1):
-                    return bool(value)
-                continue
-            if opt is int:
-                if isinstance(value, bool):
-                    continue
-                if isinstance(value, (int, str)) or (isinstance(value, float) and value.is_integer()):
-                    return int(value)
-                continue
-            if opt is float:
-                if not isinstance(value, bool) and isinstance(value, (int, float, str)):
-                    return float(value)
-                continue
-            if opt is str:
-                if isinstance(value, (dict, list)):
-                    continue
-                return str(value)
-            if origin is dict and isinstance(value, dict):
-                return value
-            if origin in (tuple, list) and isinstance(value, (list, tuple)):
-                inner = typing.get_args(opt)
-                if origin is tuple and inner and len(inner) == len(value):
-                    return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, inner)))
-                return origin(value)
-        except ValueError:
-            continue
-    raise ValueError(f"{where}: cannot read {value!r} as {tp}")
-
-
-def from_dict(cls, d: dict, where: str = ""):
-    """Build dataclass ``cls`` from a nested dict, converting leaves to the annotated types and
-    naming unknown keys."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise ValueError(
-            f"unknown key {where + '.' if where else ''}{unknown[0]}; valid keys of "
-            f"{where or cls.__name__}: {', '.join(names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in d.items()}
-    return cls(**kwargs)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``["--train.lr", "1e-3", "--model.sea.enabled=false"]`` -> ``[("train.lr", "1e-3"), ...]``."""
-    pairs, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--") or len(a) == 2:
-            raise ValueError(f"expected --section.key VALUE; got {a!r}")
-        if "=" in a:
-            key, value = a[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ValueError(f"{a}: missing value")
-            key, value = a[2:], args[i + 1]
-            i += 2
-        pairs.append((key, value))
-    return pairs
-
-
-def set_dotted(d: dict, key: str, raw: str) -> None:
-    """Set ``d[a][b][c] = yaml(raw)`` for ``key = "a.b.c"`` (only through existing mappings)."""
-    import yaml
-
-    parts = key.split(".")
-    node = d
-    for i, p in enumerate(parts[:-1]):
-        if p not in node:
-            raise ValueError(f"unknown key --{key}: {'.'.join(parts[: i + 1])} does not exist")
-        if not isinstance(node[p], dict):
-            raise ValueError(f"--{key}: {'.'.join(parts[: i + 1])} is {node[p]!r}, not a section")
-        node = node[p]
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node[parts[-1]] = value
-
-
-def load_run_config(path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
-    """Defaults < model config of ``init_from`` / saved run of ``resume`` < YAML file < overrides."""
-    import yaml
-
-    file_dict: dict = {}
-    if path is not None:
-        try:
-            file_dict = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--config: no such file: {path}") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(file_dict, dict):
-            raise ValueError(
-                f"{path}: expected a mapping with sections model, data, train; got {type(file_dict).__name__}"
-            )
-    # Where does this run start from? (Looked up before the layers are merged.)
-    probe = _merge(asdict(RunConfig()), file_dict)
-    for k, v in overrides:
-        if k in ("train.resume", "train.init_from", "train.out_dir"):
-            set_dotted(probe, k, v)
-    base = asdict(RunConfig())
-    from . import checkpoint as ckpt
-
-    t = probe["train"]
-    if t.get("resume"):
-        saved = ckpt.read_info(ckpt.resolve(t["resume"], t.get("out_dir")))
-        base = _merge(base, saved.get("run", {}))
-        for key in ("resume", "stop_after"):  # how that invocation ran, not what this one should do
-            base["train"][key] = None
-    elif t.get("init_from") and not str(t["init_from"]).endswith(".bin"):
-        saved = ckpt.read_info(ckpt.resolve(t["init_from"]))
-        base["model"] = saved["model"]
-    merged = _merge(base, file_dict)
-    for k, v in overrides:
-        set_dotted(merged, k, v)
-    return RunConfig.from_dict(merged)
 
 
 # --------------------------------------------------------------------------- pieces of the loop
@@ -464,76 +184,143 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (rewritten up to ``start_step`` on resume) and TensorBoard when installed."""
-
-    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool):
-        self.path = out_dir / METRICS_FILE
-        kept = []
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= start_step:
-                    kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
-                log.info("tensorboard is not installed; metrics go to %s only", self.path)
-
-    def write(self, m: dict) -> None:
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for k, v in m.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}", v, m["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+# --------------------------------------------------------------------------- one step
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
-    """Loss curves (and tau) from ``metrics.jsonl`` into a PNG; None when matplotlib is missing."""
-    try:
-        import matplotlib
+@dataclass
+class StepState:
+    """The objects one optimizer step works on (the trainer's and the Stage-1 benchmark's).
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no loss plot")
-        return None
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "loss"), ("loss_gen", "L_gen"), ("loss_align", "L_align")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot(steps, [float("nan") if y is None else y for y in ys], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    taus = [r.get("tau") for r in rows]
-    if any(t is not None for t in taus):
-        ax2 = ax.twinx()
-        ax2.plot(steps, [float("nan") if t is None else t for t in taus], "k:", label="tau")
-        ax2.set_ylabel("tau")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
-    ax.set_title(f"{Path(metrics_path).parent.name}")
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    ``model`` is the unwrapped :class:`~sea_model.model.SEAModel`; ``engine`` what the forward
+    runs through (its DDP wrapper; None: the model); ``params`` are clipped to ``grad_clip``
+    (0: no clipping); ``scheduler`` None: none; ``generator`` drives SEA's sampling."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    params: list
+    scheduler: Any = None
+    engine: Any = None
+    generator: torch.Generator | None = None
+    grad_clip: float = 1.0
+    bf16: bool = False
+    dist: Dist = field(default_factory=Dist)
+    fsdp: bool = False
+
+
+def forward_backward_step(s: StepState, batch: dict, *, accum: int, last: bool):
+    """One micro-batch: the forward under bf16 autocast (when ``s.bf16``), ``(loss / accum).backward()``
+    outside it; gradients are reduced over ranks after the ``last`` micro-batch only. Returns the
+    model's output."""
+    engine = s.engine if s.engine is not None else s.model
+    sync = contextlib.nullcontext()
+    if s.dist.world > 1 and s.fsdp:
+        s.model.set_requires_gradient_sync(last)
+    elif s.dist.world > 1 and not last:
+        sync = engine.no_sync()
+    with sync:
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=s.bf16):
+            out = engine(**batch, generator=s.generator, group=s.dist.group)
+        (out.loss / accum).backward()
+    return out
+
+
+def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
+    """One optimizer step over ``accum`` micro-batches from ``batches`` (moved to the model's
+    device here): forward/backward, clipping, ``optimizer.step()``, ``scheduler.step()``.
+
+    The loss sums stay on the device and are read once, after the last micro-batch. Returns
+    floats: ``loss`` and ``loss_gen`` (means over micro-batches and ranks), ``loss_align`` (None
+    without SEA), ``pairs`` (global), ``pairs_local`` (this rank's), ``tau``, ``lr`` (the rate this
+    step used), ``grad_norm`` (None without clipping) and ``tokens`` (over ranks)."""
+    device = next(iter(s.params)).device if s.params else torch.device("cpu")
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, L_gen, tokens, L_align
+    align_n, pairs, local_pairs, tau = 0, 0, 0, None
+    for micro in range(accum):
+        batch = _to_device(next(batches), device)
+        out = forward_backward_step(s, batch, accum=accum, last=micro == accum - 1)
+        align = out.loss_align.detach() if out.loss_align is not None else out.loss.new_zeros(())
+        sums += torch.stack([out.loss.detach(), out.loss_gen.detach(), batch["attention_mask"].sum(), align]).double()
+        if out.align is not None:
+            local_pairs += int(out.align.keep.sum())  # this rank's share of out.pairs
+        if out.loss_align is not None:
+            align_n, pairs, tau = align_n + 1, pairs + out.pairs, out.temperature
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip) if s.grad_clip > 0 else None
+    if s.dist.world > 1:  # L_gen and tokens over ranks (L_align and pairs are already global)
+        torch.distributed.all_reduce(sums[:3])
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2)
+        grad_norm = grad_norm.full_tensor()
+    norm = grad_norm.detach().reshape(1).to(sums) if grad_norm is not None else sums.new_zeros(1)
+    loss, loss_gen, tokens, align_sum, norm = torch.cat([sums, norm]).tolist()  # the one read of the step
+    lr = s.optimizer.param_groups[0]["lr"]
+    s.optimizer.step()
+    if s.scheduler is not None:
+        s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    n = accum * s.dist.world
+    return {
+        "loss": loss / n,
+        "loss_gen": loss_gen / n,
+        "loss_align": align_sum / align_n if align_n else None,
+        "pairs": pairs,
+        "pairs_local": local_pairs,
+        "tau": tau,
+        "lr": lr,
+        "grad_norm": norm if grad_norm is not None else None,
+        "tokens": tokens,
+    }
+
+
+# --------------------------------------------------------------------------- the run around it
+
+
+@dataclass
+class Progress:
+    """Where the run is (checkpointed as ``trainer_state.json``): optimizer steps done, samples
+    consumed (the data position), time spent in earlier runs of this output."""
+
+    total_steps: int
+    global_batch_size: int
+    dataset_size: int
+    world_size: int
+    step: int = 0
+    samples_seen: int = 0
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    def advance(self) -> None:
+        self.step += 1
+        self.samples_seen += self.global_batch_size
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / self.dataset_size
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "epoch": self.epoch,
+            "total_steps": self.total_steps,
+            "elapsed": self.elapsed(),
+            "world_size": self.world_size,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen, self.elapsed_before = state["step"], state["samples_seen"], state["elapsed"]
+        self.started = time.time()
+
+
+class Start(NamedTuple):
+    """Where a run starts from: a checkpoint to resume, a checkpoint to initialise from, or a
+    LLaVA ``mm_projector.bin`` (at most one is set)."""
+
+    resume: Path | None
+    init_dir: Path | None
+    projector: Path | None
 
 
 @dataclass
@@ -550,34 +337,22 @@ class TrainResult:
     mm_projector: Path | None = None
 
 
-# --------------------------------------------------------------------------- the loop
-
-
-def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any], None] | None = None) -> TrainResult:
-    """Run one stage as configured; see the module docstring. ``tokenizer`` is used when there is
-    no checkpoint to take one from (else the model config's is loaded).
-    ``callback(step, metrics, model)`` runs after every step on every rank (raising in it
-    interrupts the run)."""
-    from tqdm.auto import tqdm
-
-    from . import checkpoint as ckpt
-    from .data import Collator, LlavaDataset
-    from .model import build_model
-
-    cfg = cfg.resolved()
-    t, d = cfg.train, cfg.data
-    if not d.json_path:
-        raise ValueError("data.json_path is required (a LLaVA JSON file)")
-
-    # ---- processes and device
-    dist = setup_distributed()
+def _device(t: TrainConfig, dist: Dist) -> tuple[torch.device, bool]:
+    """The device and whether the forward runs under bf16 autocast."""
     if t.device:
         device = torch.device(t.device)
     else:
         device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
+    return device, t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+
+
+def _start(t: TrainConfig, dist: Dist) -> Start:
+    """The output directory made (refused when it holds checkpoints and this is no resume) and
+    where the run starts from, checked."""
+    from . import checkpoint as ckpt
+
     out_dir = Path(t.out_dir)
     if t.resume is None and ckpt.list_checkpoints(out_dir):
         raise ckpt.CheckpointError(
@@ -586,32 +361,37 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-
-    # ---- where this run starts from
-    resume_dir = ckpt.resolve(t.resume, out_dir) if t.resume else None
-    init_from = Path(t.init_from) if t.init_from and resume_dir is None else None
+    resume = ckpt.resolve(t.resume, out_dir) if t.resume else None
+    init_from = Path(t.init_from) if t.init_from and resume is None else None
     init_dir = ckpt.resolve(init_from) if init_from is not None and init_from.suffix != ".bin" else None
-    if resume_dir is not None:
-        info = ckpt.read_info(resume_dir)
+    if resume is not None:
+        info = ckpt.read_info(resume)
         if info["stage"] != t.stage:
             raise ckpt.CheckpointError(
-                f"--resume {resume_dir} is a stage-{info['stage']} checkpoint; "
-                f"this is stage {t.stage} (use --init_from)"
+                f"--resume {resume} is a stage-{info['stage']} checkpoint; this is stage {t.stage} (use --init_from)"
             )
-    source = resume_dir or init_dir
+    return Start(resume, init_dir, init_from if init_dir is None else None)
+
+
+def _model(cfg: RunConfig, start: Start, tokenizer, device, dist: Dist):
+    """``(model, tokenizer)``: built under the seed (random parts are reproducible), weights from
+    the checkpoint, frozen for the stage, in training mode."""
+    from . import checkpoint as ckpt
+    from .model import build_model
+
+    t = cfg.train
+    source = start.resume or start.init_dir
     if source is not None:
         tokenizer = ckpt.load_tokenizer(source)
-
-    # ---- model: built under the seed (random parts are reproducible), then checkpoint weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         model, tokenizer = build_model(cfg.model, tokenizer, device=device, progress=t.progress and dist.main)
-    if resume_dir is not None:
-        ckpt.load_weights(model, resume_dir, require_trainable_for_stage=t.stage, vision=t.vision_lr is not None)
-    elif init_dir is not None:
-        ckpt.load_weights(model, init_dir)
-    elif init_from is not None:
-        ckpt.load_mm_projector(model.adapter, init_from)
+    if start.resume is not None:
+        ckpt.load_weights(model, start.resume, require_trainable_for_stage=t.stage, vision=t.vision_lr is not None)
+    elif start.init_dir is not None:
+        ckpt.load_weights(model, start.init_dir)
+    elif start.projector is not None:
+        ckpt.load_mm_projector(model.adapter, start.projector)
     model.freeze_for_stage(t.stage)
     if t.vision_lr is not None:
         model.tower.requires_grad_(True)
@@ -622,15 +402,14 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
             low.pop(),
         )
     model.train()
+    return model, tokenizer
 
-    # ---- data
-    G, mb = t.global_batch_size, t.micro_batch_size
-    if G % (mb * dist.world):
-        raise ValueError(
-            f"train.global_batch_size ({G}) must be a multiple of micro_batch_size ({mb}) x world size ({dist.world})"
-        )
-    accum = G // (mb * dist.world)
-    dataset = LlavaDataset(
+
+def _dataset(cfg: RunConfig, model, tokenizer):
+    from .data import LlavaDataset
+
+    d = cfg.data
+    return LlavaDataset(
         d.json_path,
         d.image_folder,
         tokenizer,
@@ -639,15 +418,31 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
         template=d.template,
         max_length=d.max_length,
     )
-    total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * len(dataset) / G))
 
-    # ---- parallelism
-    engine = model
+
+def _accumulation(t: TrainConfig, dist: Dist) -> int:
+    G, mb = t.global_batch_size, t.micro_batch_size
+    if G % (mb * dist.world):
+        raise ValueError(
+            f"train.global_batch_size ({G}) must be a multiple of micro_batch_size ({mb}) x world size ({dist.world})"
+        )
+    return G // (mb * dist.world)
+
+
+def _total_steps(t: TrainConfig, dataset_size: int) -> int:
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * dataset_size / t.global_batch_size))
+
+
+def _parallelize(model, t: TrainConfig, dist: Dist, device):
+    """``(engine, model)``: DDP around the model, or the model sharded with FSDP2, or as it is."""
     if dist.world > 1 and t.fsdp:
         if t.stage != 2:
             raise ValueError("train.fsdp is for stage 2 (stage 1 trains only the adapter; DDP is enough)")
-        engine = model = wrap_fsdp(model)
-    elif dist.world > 1:
+        model = wrap_fsdp(model)
+        return model, model
+    if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # The vocabulary buffers are identical on every rank: no per-forward broadcast.
@@ -662,163 +457,169 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
             find_unused_parameters=t.vision_lr is not None,
             **{no_sync: False},
         )
+        return engine, model
+    return model, model
 
-    # ---- optimizer and schedule
+
+def _step_state(model, engine, t: TrainConfig, total_steps: int, dist: Dist, device, bf16: bool) -> StepState:
+    """AdamW + cosine schedule, the global RNGs seeded and SEA's generator: a fresh run's state."""
     optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     warmup = math.ceil(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total_steps))
-
-    # ---- state: fresh, or everything a checkpoint holds
     seed_everything(t.seed + dist.rank)
-    sea_generator = torch.Generator(device=device).manual_seed(t.seed + dist.rank)
-    step, samples, elapsed_before = 0, 0, 0.0
-    if resume_dir is not None:
-        state = ckpt.load_training_state(
-            resume_dir, model, optimizer, scheduler, sea_generator, rank=dist.rank, world=dist.world
-        )
-        step, samples, elapsed_before = state["step"], state["samples_seen"], state["elapsed"]
-        if dist.main:
-            log.info("resumed from %s at step %d", resume_dir, step)
-    if step >= total_steps:
-        raise ckpt.CheckpointError(f"{resume_dir}: already at step {step} of {total_steps}; nothing to do")
+    return StepState(
+        model=model,
+        optimizer=optimizer,
+        params=[p for g in optimizer.param_groups for p in g["params"]],
+        scheduler=scheduler,
+        engine=engine,
+        generator=torch.Generator(device=device).manual_seed(t.seed + dist.rank),
+        grad_clip=t.grad_clip,
+        bf16=bf16,
+        dist=dist,
+        fsdp=dist.world > 1 and t.fsdp,
+    )
 
+
+def _checkpointer(cfg: RunConfig, state: StepState, progress: Progress, tokenizer):
+    """The run's checkpointer, given its stateful objects."""
+    from .checkpoint import Checkpointer
+
+    t, dist = cfg.train, state.dist
+    return Checkpointer(
+        t.out_dir,
+        model=state.model,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        generator=state.generator,
+        progress=progress,
+        tokenizer=tokenizer,
+        run_config=cfg.to_dict(),
+        stage=t.stage,
+        rank=dist.rank,
+        world=dist.world,
+        keep_last=t.keep_last,
+    )
+
+
+def _batches(cfg: RunConfig, dataset, tokenizer, dist: Dist, device, start_sample: int) -> Iterator[dict]:
+    """This rank's endless stream of collated micro-batches, from sample ``start_sample`` on."""
+    from .data import Collator
+
+    t = cfg.train
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=StreamSampler(len(dataset), mb, dist.rank, dist.world, t.seed, start=samples),
+        batch_sampler=StreamSampler(
+            len(dataset), t.micro_batch_size, dist.rank, dist.world, t.seed, start=start_sample
+        ),
         collate_fn=Collator(tokenizer.pad_token_id),
-        num_workers=d.num_workers,
+        num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(t.seed),  # worker seeds: not drawn from the global RNG
     )
-    batches = iter(loader)
+    return iter(loader)
 
-    # ---- outputs
-    metrics = None
-    if dist.main:
-        metrics = MetricsLog(out_dir, step, t.tensorboard)
-        import yaml
 
-        (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run_dict = cfg.to_dict()
-    history: list[dict] = []
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = tqdm(
-        total=total_steps, initial=step, desc=f"stage {t.stage}", unit="step", disable=not (t.progress and dist.main)
+def _outputs(cfg: RunConfig, start_step: int, dist: Dist) -> MetricsLog | None:
+    """The main rank's metrics log (cut back to ``start_step``) and ``run_config.yaml``."""
+    if not dist.main:
+        return None
+    import yaml
+
+    out_dir = Path(cfg.train.out_dir)
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return MetricsLog(out_dir, start_step, cfg.train.tensorboard)
+
+
+def _record(m: dict, progress: Progress, seconds: float, history: list, metrics: MetricsLog | None, bar) -> dict:
+    """The step's metrics row (written, shown, kept); returns it."""
+    row = {"step": progress.step, "epoch": progress.epoch}
+    row.update({k: m[k] for k in ("loss", "loss_gen", "loss_align", "pairs", "tau", "lr", "grad_norm")})
+    row.update(tokens_per_s=m["tokens"] / seconds, elapsed=progress.elapsed())
+    history.append({**row, "pairs_local": m["pairs_local"]})
+    if metrics is not None:
+        metrics.write(row)
+    bar.update(1)
+    bar.set_postfix(
+        L_gen=f"{row['loss_gen']:.3f}",
+        L_align="-" if row["loss_align"] is None else f"{row['loss_align']:.3f}",
+        tau="-" if row["tau"] is None else f"{row['tau']:.3f}",
+        tok_s=f"{row['tokens_per_s']:.0f}",
     )
-    start_time = time.time()
-    last_saved = None
+    return row
 
-    def save(step_done: int) -> Path:
-        nonlocal last_saved
-        state = {
-            "step": step_done,
-            "samples_seen": samples,
-            "epoch": samples / len(dataset),
-            "total_steps": total_steps,
-            "elapsed": elapsed_before + time.time() - start_time,
-            "world_size": dist.world,
-            "global_batch_size": G,
-        }
-        last_saved = ckpt.save_checkpoint(
-            out_dir,
-            step_done,
-            model=model,
-            tokenizer=tokenizer,
-            run_config=run_dict,
-            stage=t.stage,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            sea_generator=sea_generator,
-            rank=dist.rank,
-            world=dist.world,
-            keep_last=t.keep_last,
-        )
-        return last_saved
 
-    # ---- steps
-    while step < total_steps:
-        t0 = time.time()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, L_gen, tokens
-        align_sum, align_n, pairs, local_pairs, tau = 0.0, 0, 0, 0, None
-        for micro in range(accum):
-            batch = _to_device(next(batches), device)
-            last = micro == accum - 1  # gradients are reduced over ranks after the last one only
-            sync = contextlib.nullcontext()
-            if dist.world > 1 and t.fsdp:
-                model.set_requires_gradient_sync(last)
-            elif dist.world > 1 and not last:
-                sync = engine.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = engine(**batch, generator=sea_generator, group=dist.group)
-                (out.loss / accum).backward()
-            sums += torch.tensor(
-                [out.loss.item(), out.loss_gen.item(), float(batch["attention_mask"].sum())], dtype=torch.float64
-            )
-            if out.align is not None:
-                local_pairs += int(out.align.keep.sum())  # this rank's share of out.pairs
-            if out.loss_align is not None:
-                align_sum, align_n, pairs, tau = (
-                    align_sum + out.loss_align.item(),
-                    align_n + 1,
-                    pairs + out.pairs,
-                    out.temperature,
-                )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        samples += G
-        if dist.world > 1:  # L_gen and tokens over ranks (L_align and pairs are already global)
-            torch.distributed.all_reduce(sums)
-        dt = time.time() - t0
-        m = {
-            "step": step,
-            "epoch": samples / len(dataset),
-            "loss": sums[0].item() / (accum * dist.world),
-            "loss_gen": sums[1].item() / (accum * dist.world),
-            "loss_align": align_sum / align_n if align_n else None,
-            "pairs": pairs,
-            "tau": tau,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": sums[2].item() / dt,
-            "elapsed": elapsed_before + time.time() - start_time,
-        }
-        history.append({**m, "pairs_local": local_pairs})
-        if metrics is not None:
-            metrics.write(m)
-        bar.update(1)
-        bar.set_postfix(
-            L_gen=f"{m['loss_gen']:.3f}",
-            L_align="-" if m["loss_align"] is None else f"{m['loss_align']:.3f}",
-            tau="-" if tau is None else f"{tau:.3f}",
-            tok_s=f"{m['tokens_per_s']:.0f}",
-        )
-        if callback is not None:
-            callback(step, m, model)
-        if step == total_steps or (t.save_every and step % t.save_every == 0):
-            save(step)
-        if t.stop_after is not None and step >= t.stop_after and step < total_steps:
-            break
-    bar.close()
+def _finish(result: TrainResult, t: TrainConfig, saved: Path | None, metrics: MetricsLog | None, dist: Dist):
+    """The end: metrics closed; when the run is complete, the loss plot and (stage 1) the LLaVA
+    adapter export ``<out_dir>/mm_projector.bin``."""
+    from . import checkpoint as ckpt
 
-    # ---- the end: LLaVA adapter export, plot
-    finished = step == total_steps
-    result = TrainResult(out_dir, step, total_steps, last_saved if finished else None, history, model, tokenizer)
+    finished = result.step == result.total_steps
+    result.checkpoint = saved if finished else None
     if metrics is not None:
         metrics.close()
         result.metrics = metrics.path
         if finished and t.plot:
-            result.plot = plot_metrics(metrics.path, out_dir / PLOT_FILE)
-    if finished and t.stage == 1 and last_saved is not None and dist.main:
-        projector = last_saved / ckpt.MM_PROJECTOR
+            result.plot = plot_metrics(metrics.path, result.out_dir / PLOT_FILE)
+    if finished and t.stage == 1 and saved is not None and dist.main:
+        projector = saved / ckpt.MM_PROJECTOR
         if projector.is_file():
-            result.mm_projector = out_dir / ckpt.MM_PROJECTOR
+            result.mm_projector = result.out_dir / ckpt.MM_PROJECTOR
             ckpt.atomic_copy(projector, result.mm_projector)
     dist.barrier()
     if dist.created:
         torch.distributed.destroy_process_group()
     return result
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any], None] | None = None) -> TrainResult:
+    """Run one stage as configured; see the module docstring. ``tokenizer`` is used when there is
+    no checkpoint to take one from (else the model config's is loaded).
+    ``callback(step, metrics, model)`` runs after every step on every rank (raising in it
+    interrupts the run)."""
+    from tqdm.auto import tqdm
+
+    from . import checkpoint as ckpt
+
+    cfg = cfg.resolved()
+    t = cfg.train
+    if not cfg.data.json_path:
+        raise ValueError("data.json_path is required (a LLaVA JSON file)")
+    dist = setup_distributed()
+    device, bf16 = _device(t, dist)
+    start = _start(t, dist)
+    model, tokenizer = _model(cfg, start, tokenizer, device, dist)
+    dataset = _dataset(cfg, model, tokenizer)
+    accum, total_steps = _accumulation(t, dist), _total_steps(t, len(dataset))
+    engine, model = _parallelize(model, t, dist, device)
+    state = _step_state(model, engine, t, total_steps, dist, device, bf16)
+    progress = Progress(total_steps, t.global_batch_size, len(dataset), dist.world)
+    checkpointer = _checkpointer(cfg, state, progress, tokenizer)
+    if start.resume is not None:
+        checkpointer.load(start.resume)
+        if dist.main:
+            log.info("resumed from %s at step %d", start.resume, progress.step)
+    if progress.step >= total_steps:
+        raise ckpt.CheckpointError(f"{start.resume}: already at step {progress.step} of {total_steps}; nothing to do")
+    batches = _batches(cfg, dataset, tokenizer, dist, device, progress.samples_seen)
+    metrics, history = _outputs(cfg, progress.step, dist), []
+    show = t.progress and dist.main
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"stage {t.stage}", unit="step", disable=not show)
+    progress.started = time.time()
+    while progress.step < total_steps:
+        t0 = time.time()
+        m = train_step(state, batches, accum)
+        progress.advance()
+        row = _record(m, progress, time.time() - t0, history, metrics, bar)
+        if callback is not None:
+            callback(progress.step, row, model)
+        if progress.step == total_steps or (t.save_every and progress.step % t.save_every == 0):
+            checkpointer.save(progress.step)
+        if t.stop_after is not None and t.stop_after <= progress.step < total_steps:
+            break
+    bar.close()
+    result = TrainResult(Path(t.out_dir), progress.step, total_steps, None, history, model, tokenizer)
+    return _finish(result, t, checkpointer.last, metrics, dist)

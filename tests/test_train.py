@@ -113,16 +113,6 @@ def test_config_file_overrides_and_stage_defaults(tmp_path):
         load_run_config(path, [("model.adapter.depth", "2")])
 
 
-def test_cli_print_config(tmp_path, capsys):
-    from sea_model import cli
-
-    assert cli.main(["train", "--stage", "2", "--print_config", "--train.lr", "3e-4", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "lr: 0.0003" in printed and "stage: 2" in printed and f"out_dir: {tmp_path}" in printed
-    assert cli.main(["train", "--stage", "1", "--train.nope", "1"]) == 2
-    assert "unknown key train.nope" in capsys.readouterr().err
-
-
 def test_stream_sampler_resumes_and_splits_ranks():
     def take(sampler, k):
         it = iter(sampler)
@@ -280,6 +270,36 @@ def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
         ckpt.resolve(tmp_path / "empty")
     with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
         train(config(setup, stage1.out_dir))
+
+
+# --------------------------------------------------------------------------- one step function
+
+
+def test_trainer_and_stage1_benchmark_share_one_step(setup, tmp_path, monkeypatch):
+    """Both call sea_model.train.forward_backward_step through train_step: a copy in either breaks this."""
+    from sea_model import train as trainer
+    from sea_model.bench import stage1 as bench_stage1
+
+    seen = []
+    real = trainer.forward_backward_step
+
+    def spy(s, batch, **kw):
+        out = real(s, batch, **kw)
+        seen.append((kw["accum"], out.loss.detach().clone()))
+        return out
+
+    monkeypatch.setattr(trainer, "forward_backward_step", spy)
+    params = dict(tower="demo", llm="demo", batch=2, text=4, q=50, word_tokens=2, top_n=3, dtype="float32")
+    try:
+        step, (batch,) = bench_stage1.stage1_case("sea-reference", "cpu", warmup_steps=0, **params)
+        loss = step(batch)
+    finally:
+        bench_stage1.clear_cache()
+    assert len(seen) == 1 and seen[0][0] == 1 and loss == pytest.approx(seen[0][1].item(), rel=1e-12)
+    seen.clear()
+    result = train(config(setup, tmp_path, max_steps=2, save_every=0, plot=False), tokenizer=setup["tok"])
+    assert [a for a, _ in seen] == [2] * 4  # 2 steps x 2 micro-batches (global 4, micro 2)
+    assert result.history[0]["loss"] == pytest.approx(sum(v.item() for _, v in seen[:2]) / 2, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- distributed

@@ -1,10 +1,10 @@
 """One Stage-1 training step of :class:`sea_model.model.SEAModel`, with SEA off, on with the
 reference ops, and on with the fused ops (``backend="auto"``).
 
-The step is what :func:`sea_model.train.train` does per micro-batch in stage 1 (data loading,
+The step is the trainer's own :func:`sea_model.train.train_step` with one micro-batch (data loading,
 schedule and logging aside): ``freeze_for_stage(1)`` (adapter + SEA's log-scale train, tower and LM
-frozen), forward under bf16 autocast on GPUs, ``loss.backward()`` (through the frozen LM into the
-adapter), gradient clipping at 1.0, ``AdamW.step()``, ``zero_grad``, ``loss.item()``. Weights are
+frozen), forward under bf16 autocast on GPUs, ``loss.backward()`` outside it (through the frozen LM
+into the adapter), gradient clipping at 1.0, ``AdamW.step()``, ``zero_grad``, the losses read once. Weights are
 random; the SEA vocabulary is random features with random LM token ids (1 to ``word_tokens``
 tokens per word); the batch is random pixels and ``<image>`` x P + ``text`` random caption tokens.
 
@@ -325,6 +325,7 @@ def stage1_case(backend: str, device="cpu", *, warmup_steps: int = 2, **params):
 
     ``params`` are a ``STAGE1_SIZES`` entry, optionally with ``active_layers`` (run only that many of
     the built LM layers: the per-layer time of a modelled size)."""
+    from .. import train as trainer
     from ..model import SEAConfig, SEAModel
 
     if backend not in STAGE1_BACKENDS:
@@ -348,19 +349,19 @@ def stage1_case(backend: str, device="cpu", *, warmup_steps: int = 2, **params):
     model.freeze_for_stage(1)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
-    generator = torch.Generator(device=device).manual_seed(0)
-    bf16 = device.type == "cuda"
+    state = trainer.StepState(
+        model=model,
+        optimizer=torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0),
+        params=trainable,
+        generator=torch.Generator(device=device).manual_seed(0),
+        grad_clip=1.0,
+        bf16=device.type == "cuda",
+    )
     llm = shared["llm"]
 
-    def step(batch):
-        with active_layers(llm, n_active), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(**batch, generator=generator)
-            out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.loss.item()
+    def step(batch):  # the trainer's own step (sea_model.train.train_step), one micro-batch
+        with active_layers(llm, n_active):
+            return trainer.train_step(state, iter([batch]), accum=1)["loss"]
 
     for _ in range(warmup_steps):  # optimizer state, kernels compiled, extension loaded
         step(shared["batch"])

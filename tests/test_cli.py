@@ -1,0 +1,61 @@
+"""The ``sea`` command: its subcommands, help without heavy imports, the resolved configuration, and
+user errors as one ``sea <cmd>: error: ...`` line with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sea_model import cli
+from sea_model.config import STAGE_DEFAULTS
+
+
+def test_subcommands_and_help_start_without_torch():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"demo", "train", "generate", "selfcheck", "bench"} <= set(sub.choices)
+    code = "import sys; from sea_model import cli; cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_train_help_states_the_stage_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for stage, d in STAGE_DEFAULTS.items():
+        assert f"stage {stage} lr {d['lr']:g}, global batch {d['global_batch_size']}" in text
+
+
+def test_print_config_resolves_shortcuts_files_and_overrides(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  epochs: 2\ndata:\n  json_path: d.json\n")
+    argv = ["train", "--stage", "2", "--config", str(path), "--print_config", "--train.epochs=3", "--out", "o"]
+    assert cli.main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    t = printed["train"]
+    assert (t["stage"], t["lr"], t["epochs"], t["out_dir"]) == (2, 1e-3, 3.0, "o")
+    assert t["global_batch_size"] == STAGE_DEFAULTS[2]["global_batch_size"]  # the stage's default, resolved
+    assert printed["data"] == {**printed["data"], "json_path": "d.json", "template": "auto"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--stage", "1", "--train.nope", "1"], "unknown key train.nope"),
+        (["train", "--stage", "1", "--train.max_steps", "many"], "train.max_steps: cannot read 'many'"),
+        (["train", "--stage", "1", "--config", "/nonexistent.yaml"], "no such file"),
+        (["train", "--stage", "1"], "data.json_path is required"),
+        (["train", "--stage", "1", "--train.lr"], "--train.lr: missing value"),
+        (["bench", "--ops", "nope"], "nope"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sea {argv[0]}: error: ") and message in err and "Traceback" not in err
