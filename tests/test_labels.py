@@ -238,7 +238,8 @@ def test_cosine_topk_contract(backend, case, dtype):
     vocab = torch.randn(q, shape[-1], generator=g).to(DEVICE, dtype)
     fast = cosine_topk(patches, vocab, k, negate=negate, backend=backend)
     ref = cosine_topk(patches, vocab, k, negate=negate, backend="reference")
-    check_topk(fast, ref, patches, vocab, k, negate, max_differ=0.05)
+    differ = check_topk(fast, ref, patches, vocab, k, negate, max_differ=0.05)
+    assert k > 16 or differ == 0  # random scores: no near-ties among the top 16 (among 150 of 400 there are)
 
 
 @pytest.mark.parametrize("backend", backends_here("cosine_topk"))
