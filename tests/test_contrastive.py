@@ -1,4 +1,5 @@
-"""contrastive_loss (reference backend) against an independent float64 computation, and gradcheck."""
+"""contrastive_loss: the reference against an independent float64 computation and gradcheck, and the
+contract tests of every available backend against the reference (``tests._checks``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from sea_kernels import contrastive_loss
+from tests._checks import DEVICE, backends_here, check_contrastive, loss_and_grads, pairs
 
 
 def loss64(x: torch.Tensor, t: torch.Tensor, scale: float) -> float:
@@ -100,3 +102,71 @@ def test_validate_false_skips_finiteness_and_backend_errors():
         contrastive_loss(torch.randn(2, 2), torch.randn(2, 2), 1.0, backend="cuda")
     with pytest.raises(TypeError, match="backend"):
         contrastive_loss(torch.randn(2, 2), torch.randn(2, 2), 1.0, backend=None)
+
+
+# ----------------------------------------------------------------------------- contract: every backend
+
+
+CASES = {
+    # name: (n, d, scale, align, duplicates)
+    "ragged": (37, 40, 14.3, 0.0, False),  # N, D not multiples of any tile
+    "single_row": (1, 5, 1.0, 0.0, False),  # loss 0, zero gradients
+    "below_tile": (5, 8, 0.5, 0.0, False),  # N < every block size, small scale
+    "scale_100": (50, 33, 100.0, 0.0, False),  # logits in [-100, 100]: the online max must hold
+    "duplicates": (30, 24, 100.0, 0.0, True),  # tied rows and columns, large scale
+    "aligned": (200, 48, 30.0, 1.0, False),  # t_i correlated with x_i, as in training
+}
+
+
+def skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter's tl.dot has no bfloat16 (test_triton_contrastive patches it)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", backends_here("contrastive_loss"))
+def test_contract(backend, case, dtype):
+    skip_unsupported(backend, dtype)
+    n, d, scale, align, dup = CASES[case]
+    x, t = pairs(n, d, dtype, seed=n * 7 + d, align=align, duplicates=dup)
+    fast = check_contrastive(x, t, scale, backend, grad_out=3.0)
+    if n == 1:
+        assert fast[0].item() == 0.0 and not fast[1].any() and not fast[2].any() and fast[3].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", backends_here("contrastive_loss"))
+@pytest.mark.parametrize("need", ["xt", "t", "s", "xs"])
+def test_contract_partial_gradients_and_float_scale(backend, need):
+    """Only some inputs require grad; "xt": a Python float scale (no scale gradient), unit grad_out."""
+    x, t = pairs(21, 12, seed=2)
+    check_contrastive(x, t, 3.0, backend, grad_out=-0.5 if need != "xt" else 1.0, need=need)
+
+
+@pytest.mark.parametrize("backend", backends_here("contrastive_loss"))
+def test_contract_zero_and_tiny_rows(backend):
+    """Norms below F.normalize's eps: the clamp path (no projection), as the reference."""
+    x, t = pairs(19, 10, seed=4)
+    x[0] = 0.0
+    x[5] *= 1e-14
+    t[3] *= 1e-14
+    check_contrastive(x, t, 5.0, backend)
+
+
+@pytest.mark.parametrize("backend", backends_here("contrastive_loss"))
+def test_contract_mixed_dtypes_and_strided_input(backend):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(12, 17, generator=g).to(torch.float16).T  # (17, 12), not contiguous
+    t = torch.randn(17, 12, generator=g)
+    fast = check_contrastive(x, t, 4.0, backend)
+    assert fast[1].dtype == torch.float16 and fast[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", backends_here("contrastive_loss"))
+def test_contract_deterministic(backend):
+    """Repeated calls agree bitwise (sums in an order fixed by the blocks, not by thread timing)."""
+    x, t = pairs(100, 24, seed=12, align=1.0)
+    first = loss_and_grads(x, t, 30.0, backend)
+    for _ in range(2):
+        for p, q in zip(first, loss_and_grads(x, t, 30.0, backend)):
+            assert torch.equal(p, q)

@@ -10,13 +10,10 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import sea_kernels
 from sea_kernels.cpu import _build
 from sea_kernels.cpu import contrastive as C
 from sea_kernels.cpu._build import load_extension
-from tests._checks import assert_as_accurate_as_reference
-
-EPS32 = 2.0**-23
+from tests._checks import check_contrastive, loss_and_grads, pairs
 
 # "cpp": the compiled kernels (skipped when they cannot be built), "fallback": the PyTorch path.
 PATHS = ["cpp", "fallback"]
@@ -33,38 +30,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-def run(x, t, scale, backend, weight=1.0, **kw):
-    """Loss and the gradients of ``weight * loss`` w.r.t. x, t and the scale (a 0-d tensor leaf)."""
-    x = x.detach().clone().requires_grad_()
-    t = t.detach().clone().requires_grad_()
-    s = torch.tensor(scale, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, requires_grad=True)
-    loss = sea_kernels.contrastive_loss(x, t, s, backend=backend, **kw)
-    (loss * weight).backward()
-    return loss.detach(), x.grad, t.grad, s.grad
-
-
-def check_against_reference(x, t, scale, weight=1.0):
-    """cpu vs reference vs float64 truth: each within 2x the reference's error + a rounding floor."""
-    got = run(x, t, scale, "cpu", weight)
-    ref = run(x, t, scale, "reference", weight)
-    truth = run(x.double(), t.double(), scale, "reference", weight)
-    for name, g, r, w in zip(("loss", "dx", "dt", "dscale"), got, ref, truth):
-        assert g.dtype == r.dtype, f"{name}: dtype {g.dtype} != reference {r.dtype}"
-        assert torch.isfinite(g).all(), name
-        # Floor: a few float32 roundings of the largest entry (logits near 100 round at 1e-5).
-        floor = max(1e-6, 4 * EPS32 * w.abs().max().item())
-        assert_as_accurate_as_reference(g, r, w, floor=floor, what=f"{name} ({x.dtype}, scale {scale})")
-    return got, truth
-
-
-def pairs(n, d, dtype=torch.float32, seed=0, align=1.0):
-    """x and t with t_i correlated with x_i (like a model in training), in ``dtype``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    t = torch.randn(n, d, generator=g) + align * x
-    return x.to(dtype), t.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "n,d,tile,scale",
@@ -78,26 +43,26 @@ def pairs(n, d, dtype=torch.float32, seed=0, align=1.0):
 def test_matches_reference(path, monkeypatch, dtype, n, d, tile, scale):
     if tile is not None:
         monkeypatch.setattr(C, "DEFAULT_TILE", tile)
-    x, t = pairs(n, d, dtype, seed=n + d)
-    check_against_reference(x, t, scale, weight=1.7)  # grad_out != 1
+    x, t = pairs(n, d, dtype, seed=n + d, align=1.0)
+    check_contrastive(x, t, scale, "cpu", grad_out=1.7)  # grad_out != 1
 
 
 @pytest.mark.parametrize("weight", [1.0, -0.25, 3.0])
 def test_grad_out_scales_the_gradients(path, monkeypatch, weight):
     monkeypatch.setattr(C, "DEFAULT_TILE", 5)
-    x, t = pairs(12, 6, seed=3)
-    got, _ = check_against_reference(x, t, 2.0, weight=weight)
-    unit = run(x, t, 2.0, "cpu", 1.0)
+    x, t = pairs(12, 6, seed=3, align=1.0)
+    got = check_contrastive(x, t, 2.0, "cpu", grad_out=weight)
+    unit = loss_and_grads(x, t, 2.0, "cpu", grad_out=1.0)
     for g, u in zip(got[1:], unit[1:]):
         torch.testing.assert_close(g, u * weight, rtol=1e-5, atol=1e-7)
 
 
 def test_single_row(path):
-    x, t = pairs(1, 4, seed=1)
-    loss, dx, dt, ds = run(x, t, 3.0, "cpu")
+    x, t = pairs(1, 4, seed=1, align=1.0)
+    loss, dx, dt, ds = loss_and_grads(x, t, 3.0, "cpu")
     assert loss.item() == 0.0  # one pair: log(1) on both sides
     assert torch.count_nonzero(dx) == 0 and torch.count_nonzero(dt) == 0 and ds.item() == 0.0
-    check_against_reference(x, t, 3.0)
+    check_contrastive(x, t, 3.0, "cpu")
 
 
 @pytest.mark.parametrize("tile", [4, 64])
@@ -106,23 +71,23 @@ def test_duplicate_rows(path, monkeypatch, tile):
     g = torch.Generator().manual_seed(2)
     # All pairs identical: every logit ties, loss = log N exactly.
     dup = torch.randn(1, 4, generator=g).expand(6, 4).contiguous()
-    loss, dx, dt, ds = run(dup, dup, 5.0, "cpu")
+    loss, dx, dt, ds = loss_and_grads(dup, dup, 5.0, "cpu")
     torch.testing.assert_close(loss, torch.tensor(math.log(6.0)))
-    check_against_reference(dup, dup, 5.0)
+    check_contrastive(dup, dup, 5.0, "cpu")
     # Some rows repeated in x and in t (ties within rows and columns, across block boundaries).
-    x, t = pairs(11, 5, seed=4)
+    x, t = pairs(11, 5, seed=4, align=1.0)
     x[7], x[9], t[2], t[10] = x[1], x[1], t[0], t[0]
-    check_against_reference(x, t, 9.0, weight=0.6)
+    check_contrastive(x, t, 9.0, "cpu", grad_out=0.6)
 
 
 def test_zero_and_tiny_rows_follow_normalize(path, monkeypatch):
     """Rows with |x| < eps: F.normalize divides by eps and its gradient has no projection."""
     monkeypatch.setattr(C, "DEFAULT_TILE", 3)
-    x, t = pairs(7, 4, torch.float64, seed=5)
+    x, t = pairs(7, 4, torch.float64, seed=5, align=1.0)
     x[2] = 0.0
     t[5] = 1e-14
-    got = run(x, t, 4.0, "cpu", 0.9)
-    want = run(x, t, 4.0, "reference", 0.9)
+    got = loss_and_grads(x, t, 4.0, "cpu", grad_out=0.9)
+    want = loss_and_grads(x, t, 4.0, "reference", grad_out=0.9)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9 * max(1.0, w.abs().max().item()))
 
@@ -142,7 +107,7 @@ def test_gradcheck_float64(path, tile):
 def test_cpp_and_fallback_agree():
     if load_extension("contrastive") is None:
         pytest.skip("the C++ contrastive kernels cannot be built here")
-    x, t = pairs(37, 19, seed=8)
+    x, t = pairs(37, 19, seed=8, align=1.0)
     outs = []
     for use_cpp in (True, False):
         a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
@@ -155,7 +120,7 @@ def test_cpp_and_fallback_agree():
 
 
 def test_tile_does_not_change_the_result(path):
-    x, t = pairs(50, 8, seed=9)
+    x, t = pairs(50, 8, seed=9, align=1.0)
     use_cpp = path == "cpp"
     results = []
     for tile in (1, 7, 50, 1024):
@@ -171,26 +136,26 @@ def test_tile_does_not_change_the_result(path):
 
 def test_mixed_input_dtypes_and_non_contiguous(path, monkeypatch):
     monkeypatch.setattr(C, "DEFAULT_TILE", 6)
-    x, t = pairs(15, 10, seed=10)
+    x, t = pairs(15, 10, seed=10, align=1.0)
     t = t.to(torch.bfloat16)
     wide = torch.randn(15, 20)
     wide[:, ::2] = x
     xs = wide[:, ::2]  # a strided view
     assert not xs.is_contiguous()
-    got = run(xs, t, 7.0, "cpu")
+    got = loss_and_grads(xs, t, 7.0, "cpu")
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.bfloat16
-    check_against_reference(xs, t, 7.0)
+    check_contrastive(xs, t, 7.0, "cpu")
 
 
 def test_no_n_by_n_allocation(path, monkeypatch):
     """The largest single allocation stays far below one N x N float32 matrix (the reference's)."""
     monkeypatch.setattr(C, "DEFAULT_TILE", 64)
     n, d = 600, 8
-    x, t = pairs(n, d, seed=11)
+    x, t = pairs(n, d, seed=11, align=1.0)
 
     def biggest(backend):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run(x, t, 10.0, backend)
+            loss_and_grads(x, t, 10.0, backend)
         return max(e.cpu_memory_usage for e in prof.events())
 
     assert biggest("reference") >= n * n * 4  # the check sees an N x N matrix when there is one
@@ -200,9 +165,9 @@ def test_no_n_by_n_allocation(path, monkeypatch):
 def test_deterministic(path, monkeypatch):
     """Sums run in an order fixed by the block grid, not by thread timing: repeated calls agree bitwise."""
     monkeypatch.setattr(C, "DEFAULT_TILE", 16)
-    x, t = pairs(100, 24, seed=12)
-    first = run(x, t, 30.0, "cpu")
+    x, t = pairs(100, 24, seed=12, align=1.0)
+    first = loss_and_grads(x, t, 30.0, "cpu")
     for _ in range(3):
-        again = run(x, t, 30.0, "cpu")
+        again = loss_and_grads(x, t, 30.0, "cpu")
         for p, q in zip(first, again):
             assert torch.equal(p, q)

@@ -1,4 +1,5 @@
-"""cosine_topk and patch_labels (reference backend) against independent float64 computations."""
+"""cosine_topk and patch_labels: the reference against float64 computations (loops for the sampling), and the
+contract tests of every available backend against the reference (``tests._checks``)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,11 @@ import pytest
 import torch
 
 from sea_kernels import cosine_topk, patch_labels
+from sea_kernels.labels import PatchLabels, num_windows, window_patches
+from tests._checks import DEVICE, backends_here, check_patch_labels, check_topk, scores64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def cos64(patches: torch.Tensor, vocab: torch.Tensor) -> np.ndarray:
-    """Cosine scores in float64 numpy, norms clamped as F.normalize (eps 1e-12)."""
-    p = patches.double().numpy().reshape(-1, patches.shape[-1])
-    v = vocab.double().numpy()
-    pn = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-    vn = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    return pn @ vn.T
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -35,7 +29,7 @@ def test_cosine_topk_matches_float64(dtype, negate, shape, q, k):
     assert out.values.shape == (*shape, k) and out.indices.shape == (*shape, k)
     assert out.values.dtype == torch.float32 and out.indices.dtype == torch.int64
 
-    truth = cos64(patches, vocab) * (-1 if negate else 1)  # (M, q) from the same rounded inputs
+    truth = scores64(patches, vocab, negate).reshape(-1, q).numpy()  # (M, q) from the same rounded inputs
     values = out.values.reshape(-1, k).double().numpy()
     indices = out.indices.reshape(-1, k).numpy()
     tol = TOL[dtype]
@@ -54,7 +48,7 @@ def test_cosine_topk_matches_float64(dtype, negate, shape, q, k):
 
 def loop_patch_labels(patches, vocab, grid, top_n, window, negate, uniforms):
     """The contract's steps 1-4, written as loops over windows in float64."""
-    scores = cos64(patches, vocab).reshape(patches.shape[0], patches.shape[1], -1) * (-1 if negate else 1)
+    scores = scores64(patches, vocab, negate).numpy()
     h, w = grid
     b_count = patches.shape[0]
     nwy, nwx = math.ceil(h / window), math.ceil(w / window)
@@ -210,3 +204,177 @@ def test_label_cdf_boundaries():
         for lab in out.label[:, 0].tolist()
     ]
     assert ranks == [0, 0, 1, 3, 3]
+
+
+# ----------------------------------------------------------------------------- contract: every backend
+
+
+def skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton computes float64 labels in float32 (documented), so it cannot match a float64 reference")
+
+
+TOPK_CASES = [
+    # (shape of patches, q, k, negate)
+    ((45, 40), 20, 1, False),  # q below one tile, k = 1, d not a multiple of the K tile
+    ((70, 64), 77, 10, True),  # q: 3 tiles (interpreter), not a multiple
+    ((33, 48), 150, 16, False),
+    ((2, 7, 24), 40, 5, True),  # leading batch dims
+    ((37, 40), 300, 16, True),  # q not a multiple of 64 or of the cpu's 16-wide vector step
+    ((20, 3), 5, 5, False),  # k = q, q and d below one vector step
+    ((9, 24), 400, 150, False),  # large k
+    ((1, 8), 50, 7, True),  # a single row
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", range(len(TOPK_CASES)))
+@pytest.mark.parametrize("backend", backends_here("cosine_topk"))
+def test_cosine_topk_contract(backend, case, dtype):
+    skip_unsupported(backend, dtype)
+    shape, q, k, negate = TOPK_CASES[case]
+    g = torch.Generator().manual_seed(sum(shape) * 1000 + q)
+    patches = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    vocab = torch.randn(q, shape[-1], generator=g).to(DEVICE, dtype)
+    fast = cosine_topk(patches, vocab, k, negate=negate, backend=backend)
+    ref = cosine_topk(patches, vocab, k, negate=negate, backend="reference")
+    differ = check_topk(fast, ref, patches, vocab, k, negate, max_differ=0.05)
+    assert k > 16 or differ == 0  # random scores: no near-ties among the top 16 (among 150 of 400 there are)
+
+
+@pytest.mark.parametrize("backend", backends_here("cosine_topk"))
+def test_cosine_topk_ties_zero_rows_and_strides(backend):
+    """Vocabulary rows duplicated up to a power-of-two scale tie exactly (either order is right);
+    zero patches score 0 everywhere; tiny patches are normalized like ``F.normalize``; row strides
+    are honoured, a transposed vocabulary works, fp16 x fp32 runs in fp32."""
+    g = torch.Generator().manual_seed(1)
+    vocab = torch.randn(24, 32, generator=g)
+    vocab = torch.cat([vocab, vocab[:12] * 4.0]).to(DEVICE)  # same directions: exact ties
+    patches = torch.randn(40, 32, generator=g)
+    patches[::7] = 0
+    patches[1::7] *= 1e-9  # tiny norms (above the eps of 1e-12) ...
+    patches[2::7] *= 1e-14  # ... and below it: F.normalize divides by eps
+    patches = patches.to(DEVICE)
+    fast = cosine_topk(patches, vocab, 8, backend=backend)
+    check_topk(fast, cosine_topk(patches, vocab, 8, backend="reference"), patches, vocab, 8, False)
+    assert (fast.values[::7] == 0).all()
+    strided = torch.randn(3, 20, 2, 24, generator=g)[:, :, 0].to(DEVICE)  # (3, 20, 24), row stride 48
+    vocab = torch.randn(24, 37, generator=g).T.to(DEVICE)  # (37, 24), feature stride 37
+    assert strided.stride() == (960, 48, 1)
+    for p in (strided, strided.half()):
+        fast = cosine_topk(p, vocab, 6, backend=backend)
+        check_topk(fast, cosine_topk(p, vocab, 6, backend="reference"), p, vocab, 6, False)
+
+
+def make_labels_inputs(b, h, w, d, q, window, negate, dtype, seed):
+    """Random patches with ineligible ones: scattered, whole windows, and zero rows.
+
+    The vocabulary is entrywise positive, so a patch whose entries all have the sign of ``-1``
+    (``+1`` when ``negate``) scores < 0 against every entry, and a zero patch scores 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.randn(q, d, generator=g).abs() + 0.05
+    patches = torch.randn(b, h * w, d, generator=g)
+    dead = torch.rand(b, h * w, generator=g) < 0.3
+    slots = window_patches((h, w), window)
+    dead[0, slots[0][slots[0] >= 0]] = True  # a window without an eligible patch
+    dead[-1, slots[-1][slots[-1] >= 0]] = True  # the last (partial) window too
+    sign = 1.0 if negate else -1.0
+    patches[dead] = sign * patches[dead].abs()
+    patches[0, slots[1][slots[1] >= 0]] = 0.0  # a window of zero patches
+    u = torch.rand(b, num_windows((h, w), window), 2, generator=g)
+    return patches.to(DEVICE, dtype), vocab.to(DEVICE, dtype), u.to(DEVICE)
+
+
+LABELS_CASES = [
+    # (b, h, w, window, top_n, negate, d, q)
+    (2, 5, 7, 2, 16, False, 40, 50),  # partial edge windows, H != W, top_n 16
+    (2, 7, 5, 3, 10, True, 64, 20),  # 3 x 3 windows (9 of 16 padded slots), q < tile
+    (1, 4, 6, 1, 1, False, 32, 33),  # one-patch windows, a single candidate
+    (1, 10, 11, 9, 3, True, 16, 12),  # a window past triton's fused kernel: its fallback path
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", range(len(LABELS_CASES)))
+@pytest.mark.parametrize("backend", backends_here("patch_labels"))
+def test_patch_labels_contract(backend, case, dtype):
+    skip_unsupported(backend, dtype)
+    b, h, w, window, top_n, negate, d, q = LABELS_CASES[case]
+    patches, vocab, u = make_labels_inputs(b, h, w, d, q, window, negate, dtype, seed=h * 100 + w)
+    kw = dict(grid=(h, w), top_n=top_n, window=window, negate=negate, uniforms=u)
+    fast = patch_labels(patches, vocab, backend=backend, **kw)
+    ref = patch_labels(patches, vocab, backend="reference", **kw)
+    assert not ref.valid[0, 0] and not ref.valid[0, 1] and not ref.valid[-1, -1]  # the constructed dead windows
+    assert ref.valid.any()
+    assert check_patch_labels(fast, ref, patches, vocab, (h, w), top_n, window, negate, u) > 0
+    for name in ("patch", "label", "valid"):  # random scores: no boundary cases
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+def exact_inputs(b, h, w, window, d=16, seed=0):
+    """Scores that every backend computes exactly: unit-vector vocabulary, patches of norm 4 with
+    entries (3, 2, 1, 1, 1) at random coordinates (cosines 0.75, 0.5, 0.25, 0.25, 0.25); in the
+    n-th window, n % (window**2 + 1) random patches are negated (all scores <= 0: ineligible).
+    With top_n = 2 the candidates are (0.75, 0.5) without ties, so ``c_1 = fl(0.75 / 1.25)`` is
+    the same float for every backend."""
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.zeros(b, h * w, d)
+    for i in range(b):
+        for p in range(h * w):
+            patches[i, p, torch.randperm(d, generator=g)[:5]] = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0])
+    slots = window_patches((h, w), window)
+    for n in range(b * slots.shape[0]):
+        members = slots[n % slots.shape[0]]
+        members = members[members >= 0]
+        dead = members[torch.randperm(len(members), generator=g)[: n % (window * window + 1)]]
+        patches[n // slots.shape[0], dead] *= -1
+    return patches.to(DEVICE), torch.eye(d, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", backends_here("patch_labels"))
+def test_patch_labels_exact_boundaries(backend):
+    """Exact scores, so the results must be identical, also at the rounding-sensitive edges:
+    ``u1 == c_1`` (the label is the first j with ``u1 < c_j``, strictly: the second candidate),
+    ``u1`` just below it, ``u0`` the largest float below 1 (``floor(u0 * 2)`` rounds to 2: the rank
+    is clamped to ``|E| - 1``), and, with ``validate=False``, ``u0 = u1 = 1`` (the clamp, and the
+    last candidate when no ``c_j`` exceeds ``u1``)."""
+    b, h, w, window = 3, 4, 6, 2
+    patches, vocab = exact_inputs(b, h, w, window)
+    nw = num_windows((h, w), window)
+    c1 = torch.tensor(0.75, dtype=torch.float32) / torch.tensor(1.25, dtype=torch.float32)
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    choices = torch.stack([c1, torch.nextafter(c1, torch.tensor(0.0)), below_one, torch.tensor(0.3)])
+    g = torch.Generator().manual_seed(3)
+    u = choices[torch.randint(0, 4, (b, nw, 2), generator=g)].to(DEVICE)
+    kw = dict(grid=(h, w), top_n=2, window=window, negate=False)
+    fast = patch_labels(patches, vocab, backend=backend, uniforms=u, **kw)
+    ref = patch_labels(patches, vocab, backend="reference", uniforms=u, **kw)
+    assert ref.valid.any() and not ref.valid.all()
+    assert (ref.score == 0.5).any() and (ref.score == 0.75).any()
+    for name in PatchLabels._fields:
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+    u = torch.where(torch.rand(u.shape, generator=g).to(DEVICE) < 0.3, torch.ones_like(u), u)
+    fast = patch_labels(patches, vocab, backend=backend, uniforms=u, validate=False, **kw)
+    ref = patch_labels(patches, vocab, backend="reference", uniforms=u, validate=False, **kw)
+    for name in PatchLabels._fields:
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("backend", backends_here("patch_labels"))
+def test_patch_labels_all_invalid_and_strided(backend):
+    patches = torch.zeros(2, 9, 8, device=DEVICE)
+    vocab = torch.randn(5, 8, device=DEVICE)
+    out = patch_labels(patches, vocab, window=2, top_n=2, backend=backend)
+    assert not out.valid.any()
+    assert (out.patch == -1).all() and (out.label == -1).all() and (out.score == 0).all()
+    g = torch.Generator().manual_seed(5)
+    patches = torch.randn(3, 20, 2, 24, generator=g)[:, :, 0].to(DEVICE)  # (3, 20, 24), row stride 48
+    vocab = torch.randn(24, 37, generator=g).T.to(DEVICE)  # (37, 24), feature stride 37
+    u = torch.rand(3, num_windows((4, 5), 2), 2, generator=g).to(DEVICE)
+    kw = dict(grid=(4, 5), top_n=3, window=2, negate=False, uniforms=u)
+    fast = patch_labels(patches, vocab, backend=backend, **kw)
+    ref = patch_labels(patches, vocab, backend="reference", **kw)
+    check_patch_labels(fast, ref, patches, vocab, (4, 5), 3, 2, False, u)
+    for name in ("patch", "label", "valid"):
+        assert torch.equal(getattr(fast, name), getattr(ref, name)), name
