@@ -21,8 +21,8 @@ def bench_rows() -> list[dict]:
 def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
-    from sea_model.bench.report import add_ratios, format_table, stage1_lines
-    from sea_model.bench.runner import stage1_summary
+    from sea_kernels.bench.report import add_ratios, format_table, stage1_lines
+    from sea_model.bench.cases import summary
 
     rows = add_ratios(list(_ROWS))
     tr = terminalreporter
@@ -30,5 +30,5 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"load average {os.getloadavg()[0]:.2f}; baseline: reference (ops), sea-off (stage1)")
     for line in format_table(rows).splitlines():
         tr.write_line(line)
-    for line in stage1_lines(stage1_summary(rows)):
+    for line in stage1_lines(summary(rows)):
         tr.write_line(line)

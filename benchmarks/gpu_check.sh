@@ -12,7 +12,7 @@
 # is optional: without it the Stage-1 step uses a plain-PyTorch CLIP ViT-L/14-336 stand-in).
 # Writes OUTDIR/gpu_check.log (everything printed), OUTDIR/checks/{labels,contrastive}.json and
 # OUTDIR/bench/{bench.json,table.md,<op>.png}; table and plots can be redrawn from bench.json with
-#   python -m sea_model.bench.report OUTDIR/bench/bench.json
+#   python -m sea_kernels.bench.report OUTDIR/bench/bench.json
 # Keep the results in benchmarks/results/<date>-<card>/ (the last line names the folder).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--quick]}

@@ -73,7 +73,7 @@ def _time(fn, *args):
 
 
 def _peak(fn, *args):
-    from sea_model.bench.memory import cuda_extra_peak_bytes
+    from sea_kernels.bench.memory import cuda_extra_peak_bytes
 
     return cuda_extra_peak_bytes(fn, *args)
 

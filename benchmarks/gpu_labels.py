@@ -64,7 +64,7 @@ def check(sk, patches, vocab, flat, u, grid) -> dict:
 def run_dtype(sk, name: str, sizes: dict, rows: list, quick: bool, check_only: bool = False) -> dict:
     from triton.testing import do_bench
 
-    from sea_model.bench.memory import cuda_extra_peak_bytes
+    from sea_kernels.bench.memory import cuda_extra_peak_bytes
 
     dtype = DTYPES[name]
     b, h, w, q, d = sizes["b"], sizes["h"], sizes["w"], sizes["q"], sizes["d"]

@@ -1,9 +1,9 @@
-"""pytest-benchmark suites of the same cases as ``sea bench`` (:mod:`sea_model.bench.cases`), on CPU.
+"""pytest-benchmark suites of the same cases as ``sea bench`` (:data:`sea_model.bench.CASE_SETS`), on CPU.
 
 One group per op and size (``topk``, ``labels``, ``loss``, ``stage1``), every backend in it: the
 reference (eager PyTorch; for ``stage1``, the training step with SEA off) is the baseline the
 summary at the end compares with. Each case also records the extra peak RSS of one call, measured
-in a fresh process (:func:`sea_model.bench.memory.extra_peak_bytes`)::
+in a fresh process (:func:`sea_kernels.bench.memory.extra_peak_bytes`)::
 
     pytest benchmarks/ --benchmark-only                   # the quick sizes (a few minutes on 2 cores)
     pytest benchmarks/ --benchmark-only -k "labels"       # one op
@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from sea_model.bench import cases
-from sea_model.bench.memory import extra_peak_bytes
+from sea_kernels.bench.memory import extra_peak_bytes
+from sea_model.bench import CASE_SETS
 
 MODE = os.environ.get("SEA_BENCH_SIZES", "quick")
 MEMORY = os.environ.get("SEA_BENCH_MEMORY", "1") not in ("", "0")
@@ -30,7 +30,7 @@ SLOW_CALL_S = 0.1  # slower calls: a fixed 5 rounds instead of pytest-benchmark'
 
 CASES = [
     pytest.param(op, size, backend, id=f"{op}-{size}-{backend}")
-    for op in cases.OPS
+    for op, cases in CASE_SETS.items()
     for size in cases.size_names(op, "cpu", MODE)
     for backend in cases.backends(op, "cpu")
 ]
@@ -38,8 +38,9 @@ CASES = [
 
 @pytest.mark.parametrize("op,size,backend", CASES)
 def test_bench(benchmark, bench_rows, op, size, backend):
+    cases = CASE_SETS[op]
     params = cases.size_params(op, size, "cpu")
-    fn, inputs = cases.build_case(op, backend, "cpu", **params)
+    fn, inputs = cases.build(op, backend, "cpu", **params)
     shape = cases.describe(op, params)
     baseline = backend == cases.backends(op, "cpu")[0]
     benchmark.group = f"{op} {size}: {shape}"
@@ -54,9 +55,7 @@ def test_bench(benchmark, bench_rows, op, size, backend):
         return
     peak = None
     if MEMORY:
-        peak = extra_peak_bytes(
-            "sea_model.bench.cases:build_case", {"op": op, "backend": backend, "device": "cpu", **params}
-        )
+        peak = extra_peak_bytes(cases.builder, {"op": op, "backend": backend, "device": "cpu", **params})
         benchmark.extra_info["extra_peak_bytes"] = peak
     st = benchmark.stats.stats
     bench_rows.append(

@@ -1,19 +1,24 @@
 """Run every op with every backend available here on random data; report error against the reference and time.
 
-Used by ``sea selfcheck``. Not a test suite (see ``tests/``): a quick look at a new machine.
+Used by ``sea selfcheck``. Not a test suite (see ``tests/``): a quick look at a new machine. The inputs
+are the benchmark cases' (:mod:`sea_kernels.bench.cases`), timed by the one engine.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .contrastive import contrastive_loss
+from ._common import SHORT_DTYPES
+from .bench import cases
+from .bench.report import markdown_table
+from .bench.runner import time_calls
 from .dispatch import available_backends
-from .labels import cosine_topk, patch_labels
+
+# selfcheck size -> (labels size, loss size) of the benchmark cases
+SIZES = {"small": ("medium", "1k"), "full": ("full", "4608-d4096")}
+OPS = {"topk": "cosine_topk", "labels": "patch_labels", "loss": "contrastive_loss"}
 
 
 @dataclass
@@ -25,62 +30,47 @@ class Row:
     ms: float
 
 
-def _timed(fn, device, repeats=3):
-    out = fn()  # warm-up: compiles kernels, loads extensions
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return out, statistics.median(times)
+def _error(op: str, out, grads, ref, ref_grads) -> str:
+    if op == "topk":
+        err = (out.values - ref.values).abs().max().item()
+        return f"{err:.1e} ({(out.indices == ref.indices).float().mean().item():.1%} idx equal)"
+    if op == "labels":
+        same = ((out.patch == ref.patch) & (out.label == ref.label)).float().mean().item()
+        return f"{same:.1%} pairs equal"
+    pairs = zip([out, *grads], [ref, *ref_grads])
+    return f"{max((a.float() - r.float()).abs().max().item() for a, r in pairs):.1e}"
+
+
+def _calls(op: str, device, dtype_name: str, size: str) -> dict:
+    """``{backend: (fn, inputs)}`` of one op, every backend that runs here on the same inputs."""
+    labels_size, loss_size = SIZES[size]
+    params = {**(cases.LOSS_SIZES[loss_size] if op == "loss" else cases.LABELS_SIZES[labels_size])}
+    params["dtype"] = dtype_name
+    backends = [b for b in ("reference", "cpu", "triton") if b in available_backends(OPS[op], device)]
+    inputs = (cases.loss_inputs if op == "loss" else cases.labels_inputs)(**params, device=device)
+    fns = {b: cases.loss_fn(b) if op == "loss" else cases.labels_fn(op, b) for b in backends}
+    return {b: (fn, inputs) for b, fn in fns.items()}
 
 
 def run(device: str = "cpu", dtype: torch.dtype = torch.float32, size: str = "small") -> list[Row]:
     dev = torch.device(device)
-    g = torch.Generator(device=dev).manual_seed(0)
-    b, side, d, q, n, dim = (2, 24, 256, 4099, 1000, 256) if size == "small" else (8, 24, 768, 41242, 4096, 4096)
-    patches = torch.randn(b, side * side, d, device=dev, generator=g).to(dtype)
-    vocab = torch.randn(q, d, device=dev, generator=g).to(dtype)
-    uniforms = torch.rand(b, (side // 2) ** 2, 2, device=dev, generator=g)
-    x = torch.randn(n, dim, device=dev, generator=g).to(dtype)
-    t = torch.randn(n, dim, device=dev, generator=g).to(dtype)
+    dtype_name = str(dtype).replace("torch.", "")
     rows: list[Row] = []
-
-    ref_topk = cosine_topk(patches, vocab, 10, backend="reference")
-    ref_labels = patch_labels(patches, vocab, uniforms=uniforms, backend="reference")
-
-    def loss_and_grads(backend):
-        xs, ts = x.clone().requires_grad_(), t.clone().requires_grad_()
-        scale = torch.tensor(14.0, device=dev, requires_grad=True)
-        loss = contrastive_loss(xs, ts, scale, backend=backend)
-        loss.backward()
-        return loss.detach(), xs.grad, ts.grad, scale.grad
-
-    ref_loss = loss_and_grads("reference")
-    for backend in ["reference", "cpu", "triton"]:
-        if backend in available_backends("cosine_topk", dev):
-            out, ms = _timed(lambda b=backend: cosine_topk(patches, vocab, 10, backend=b), dev)
-            err = (out.values - ref_topk.values).abs().max().item()
-            same = (out.indices == ref_topk.indices).float().mean().item()
-            rows.append(Row("cosine_topk", backend, str(dtype), f"{err:.1e} ({same:.1%} idx equal)", ms))
-        if backend in available_backends("patch_labels", dev):
-            out, ms = _timed(lambda b=backend: patch_labels(patches, vocab, uniforms=uniforms, backend=b), dev)
-            same = ((out.patch == ref_labels.patch) & (out.label == ref_labels.label)).float().mean().item()
-            rows.append(Row("patch_labels", backend, str(dtype), f"{same:.1%} pairs equal", ms))
-        if backend in available_backends("contrastive_loss", dev):
-            out, ms = _timed(lambda b=backend: loss_and_grads(b), dev)
-            err = max((a.float() - r.float()).abs().max().item() for a, r in zip(out, ref_loss))
-            rows.append(Row("contrastive_loss fwd+bwd", backend, str(dtype), f"{err:.1e}", ms))
+    for op in OPS:
+        calls = _calls(op, dev, dtype_name, size)
+        outputs = {}
+        for backend, (fn, inputs) in calls.items():
+            out = fn(*inputs)
+            grads = [v.grad.clone() for v in inputs] if op == "loss" else []
+            outputs[backend] = (out.detach() if op == "loss" else out, grads)
+        times = time_calls(calls, dev)
+        for backend in calls:
+            error = _error(op, *outputs[backend], *outputs["reference"])
+            name = "contrastive_loss fwd+bwd" if op == "loss" else OPS[op]
+            rows.append(Row(name, backend, dtype_name, error, times[backend]["median_s"] * 1e3))
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("op", "backend", "dtype", "max error vs reference", "time (ms)")
-    body = [(r.op, r.backend, r.dtype.replace("torch.", ""), r.error, f"{r.ms:.1f}") for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+    head = ["op", "backend", "dtype", "max error vs reference", "time (ms)"]
+    return markdown_table(head, [[r.op, r.backend, SHORT_DTYPES[r.dtype], r.error, f"{r.ms:.1f}"] for r in rows])

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from sea_model.bench import cases, report, run
+from sea_kernels.bench import report
+from sea_model.bench import CASE_SETS, run
 from sea_model.cli import build_parser
 
 TINY = {
@@ -67,7 +68,7 @@ def test_every_backend_is_timed_and_measured_against_the_baseline(bench):
     for op, sizes in TINY.items():
         for size in sizes:
             got = [r for r in rows if r["op"] == op and r["size"] == size and not r.get("auxiliary")]
-            assert [r["backend"] for r in got] == cases.backends(op, "cpu")
+            assert [r["backend"] for r in got] == CASE_SETS[op].backends(op, "cpu")
             assert got[0]["baseline"] and got[0]["ratio"] == 1.0
             for r in got:
                 assert 2 <= r["runs"] <= 3
@@ -96,12 +97,12 @@ def test_redraw_from_json(bench, tmp_path):
 
 def test_named_sizes_resolve_on_both_devices():
     for device in ("cpu", "cuda"):
-        for mode in cases.MODES:
-            for op in cases.OPS:
+        for mode in ("quick", "full"):
+            for op, cases in CASE_SETS.items():
                 for size in cases.size_names(op, device, mode):
                     params = cases.size_params(op, size, device)
                     assert cases.describe(op, params) and cases.work(op, params) > 0
-    assert cases.size_params("labels", "full", "cuda")["dtype"] == "bfloat16"
+    assert CASE_SETS["labels"].size_params("labels", "full", "cuda")["dtype"] == "bfloat16"
 
 
 def test_cli_bench_arguments():

@@ -1,282 +1,132 @@
-"""Benchmark cases: the one definition of every measured call, for ``sea bench`` and ``benchmarks/``.
+"""The Stage-1 training step as a family of benchmark cases (:class:`~sea_kernels.bench.cases.CaseSet`).
 
-Ops: ``topk`` (``cosine_topk``), ``labels`` (``patch_labels``: top-k + window sampling), ``loss``
-(``contrastive_loss``, forward + backward) and ``stage1`` (one Stage-1 training step of
-``sea_model``, see :mod:`sea_model.bench.stage1`). Each op has named sizes, chosen per device and
-mode (:func:`size_names`), and backends (:func:`backends`; the first is the baseline the others
-are compared with: ``reference`` for the ops, ``sea-off`` for the training step).
-
-``build_case(op, backend, device, **params)`` returns ``(fn, inputs)``; ``fn(*inputs)`` is the
-measured call. Parameters are JSON-friendly (dtypes as strings), so that
-:func:`sea_model.bench.memory.extra_peak_bytes` can rebuild the same case in a fresh process.
-Building a case does its imports and one small call of the same backend (which compiles or loads a
-C++ extension, compiles a Triton kernel, pages in the code), so that a measurement around
-``fn(*inputs)`` counts only the call itself.
-
-CPU backends: ``reference`` (eager PyTorch), ``cpu`` (the C++ extension), ``cpu_fallback`` (the
-cpu backend's chunked PyTorch path, what runs without a compiler). CUDA: ``reference``, ``triton``.
+Variants (the backends of op ``stage1``): ``sea-off`` (the baseline), ``sea-reference``,
+``sea-fused``; sizes ``demo`` and ``demo-41k`` on CPU, ``llava-7b`` on CUDA (see
+:mod:`sea_model.bench.stage1`). At ``llava-7b`` only some LM layers are built: the step is timed
+with ``layers`` and with ``layers_short`` of them (an auxiliary call) and the full-depth step is
+modelled from the per-layer time measured with SEA off.
 """
 
 from __future__ import annotations
 
-import torch
+from sea_kernels.bench.cases import CaseSet, check_mode, device_type
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+from . import stage1
 
-OPS = ("topk", "labels", "loss", "stage1")
-TITLES = {
-    "topk": "cosine_topk",
-    "labels": "patch_labels (top-k + window sampling)",
-    "loss": "contrastive_loss forward + backward",
-    "stage1": "Stage-1 training step (forward + backward + AdamW)",
-}
-MODES = ("quick", "full")
-
-# topk / labels: b images of p patches (a square grid) against q vocabulary words of dim d.
-LABELS_SIZES = {
-    "small": dict(b=1, p=64, q=1000, d=256),
-    "medium": dict(b=2, p=256, q=8192, d=512),
-    "full": dict(b=2, p=576, q=41242, d=768),  # LLaVA-1.5's 24 x 24 grid against the paper's vocabulary
-    "b32": dict(b=32, p=576, q=41242, d=768),  # a LLaVA-1.5 stage-1 micro batch (32 images per device)
-}
-# loss: N pairs of dimension D.
-LOSS_SIZES = {
-    "1k": dict(n=1024, dim=512),
-    "2k": dict(n=2048, dim=512),
-    "4k": dict(n=4096, dim=512),
-    "8k": dict(n=8192, dim=512),  # the cpu backend's target size
-    "2k-d4096": dict(n=2048, dim=4096),
-    "4608-d4096": dict(n=4608, dim=4096),  # 32 images x 144 windows, LLaMA-7B's hidden size
-    "16k-d4096": dict(n=16384, dim=4096),
-    "32k-d4096": dict(n=32768, dim=4096),
-}
-
-# device -> mode -> op -> size names (smallest first).
+TARGETS = {"demo": 1.05, "llava-7b": 1.01}  # Stage-1 overhead targets of fused SEA (not asserted)
 SIZE_NAMES = {
-    "cpu": {
-        "quick": {"topk": ["small", "medium"], "labels": ["small", "medium"], "loss": ["1k", "2k"], "stage1": ["demo"]},
-        "full": {
-            "topk": ["small", "medium", "full"],
-            "labels": ["small", "medium", "full"],
-            "loss": ["1k", "2k", "4k", "8k", "2k-d4096"],
-            "stage1": ["demo", "demo-41k"],
-        },
-    },
-    "cuda": {
-        "quick": {
-            "topk": ["medium", "b32"],
-            "labels": ["medium", "b32"],
-            "loss": ["4608-d4096"],
-            "stage1": ["llava-7b"],
-        },
-        "full": {
-            "topk": ["medium", "full", "b32"],
-            "labels": ["medium", "full", "b32"],
-            "loss": ["8k", "4608-d4096", "16k-d4096", "32k-d4096"],
-            "stage1": ["llava-7b"],
-        },
-    },
+    "cpu": {"quick": ["demo"], "full": ["demo", "demo-41k"]},
+    "cuda": {"quick": ["llava-7b"], "full": ["llava-7b"]},
 }
-# Float dtype of the op inputs per device: what the model feeds the ops (bf16 autocast on GPUs).
-DEVICE_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
 
 
-def _device_type(device) -> str:
-    return torch.device(device).type
+class Stage1Cases(CaseSet):
+    ops = ("stage1",)
+    titles = {"stage1": "Stage-1 training step (forward + backward + AdamW)"}
+    builder = "sea_model.bench.cases:build_case"
+    budget_factor = 3.0  # the Stage-1 overhead is a small difference of long calls: more rounds
+
+    def size_names(self, op, device="cpu", mode="quick"):
+        check_mode(mode)
+        return list(SIZE_NAMES[device_type(device)][mode])
+
+    def size_params(self, op, size, device="cpu"):
+        return dict(stage1.STAGE1_SIZES[size])
+
+    def backends(self, op, device="cpu"):
+        return list(stage1.STAGE1_BACKENDS)
+
+    def describe(self, op, params):
+        return stage1.describe(params)
+
+    def flops(self, op, params):
+        return None
+
+    def matmul_shape(self, op, params):
+        return None
+
+    def work(self, op, params):
+        """The x axis of the plots: tokens per step."""
+        return float(stage1.tokens_per_step(params))
+
+    def build(self, op, backend, device="cpu", **params):
+        return build_case(op, backend, device, **params)
+
+    def calls(self, op, params, device):
+        calls = super().calls(op, params, device)
+        if stage1.is_modelled(params):
+            short = params["layers_short"]
+            calls.append((f"sea-off ({short} layers)", "sea-off", {**params, "active_layers": short}))
+        return calls
+
+    def finish(self, op, params, rows, built):
+        for r in rows:
+            if r["backend"] in built:
+                r["extra"]["tower"] = getattr(built[r["backend"]][0], "tower_kind", None)
+        if stage1.is_modelled(params):
+            _model_full_depth(params, rows)
+        stage1.clear_cache()
+
+    def summarize(self, result):
+        result["stage1"] = summary(result["results"])
+        result["notes"] = [f"stage1 {size}: {s['note']}" for size, s in result["stage1"].items() if s.get("modelled")]
 
 
-def size_names(op: str, device="cpu", mode: str = "quick") -> list[str]:
-    if mode not in MODES:
-        raise ValueError(f"sizes must be one of {MODES}; got {mode!r}")
-    return list(SIZE_NAMES[_device_type(device)][mode][op])
-
-
-def size_params(op: str, size: str, device="cpu") -> dict:
-    """The builder parameters of a named size on ``device`` (JSON-friendly)."""
-    if op == "stage1":
-        from .stage1 import STAGE1_SIZES
-
-        return dict(STAGE1_SIZES[size])
-    table = LOSS_SIZES if op == "loss" else LABELS_SIZES
-    return {**table[size], "dtype": DEVICE_DTYPE[_device_type(device)]}
-
-
-def backends(op: str, device="cpu") -> list[str]:
-    """The backends measured for ``op`` on ``device``, the baseline first.
-
-    Triton on a CPU (the interpreter) is never benchmarked."""
-    if op == "stage1":
-        from .stage1 import STAGE1_BACKENDS
-
-        return list(STAGE1_BACKENDS)
-    from sea_kernels import available_backends
-
-    kernel_op = {"topk": "cosine_topk", "labels": "patch_labels", "loss": "contrastive_loss"}[op]
-    dev = torch.device(device)
-    found = [b for b in available_backends(kernel_op, dev) if not (b == "triton" and dev.type != "cuda")]
-    if "cpu" in found:
-        found.append("cpu_fallback")
-    return sorted(found, key=lambda b: b != "reference")
-
-
-def describe(op: str, params: dict) -> str:
-    """A short shape string: ``b=2 p=576 q=41242 d=768 fp32``."""
-    if op == "stage1":
-        from .stage1 import describe as describe_stage1
-
-        return describe_stage1(params)
-    dtype = SHORT_DTYPES.get(params.get("dtype", "float32"), params.get("dtype"))
-    if op == "loss":
-        return f"N={params['n']} D={params['dim']} {dtype}"
-    return f"b={params['b']} p={params['p']} q={params['q']} d={params['d']} {dtype}"
-
-
-def flops(op: str, params: dict) -> float | None:
-    """The matrix-product work of one call (the basis of TFLOP/s), or None.
-
-    topk / labels: the ``(M, d) x (d, q)`` cosine product, ``2 M q d`` with ``M = b p``.
-    loss: forward logits and the two gradient products, ``3 x 2 N^2 D`` (a kernel that recomputes
-    the logits in its backward does a fourth product that is not counted)."""
-    if op in ("topk", "labels"):
-        return 2.0 * params["b"] * params["p"] * params["q"] * params["d"]
-    if op == "loss":
-        return 6.0 * params["n"] ** 2 * params["dim"]
-    return None
-
-
-def matmul_shape(op: str, params: dict) -> tuple[int, int, int] | None:
-    """``(m, k, n)`` of the plain matrix product whose measured rate the op is compared with."""
-    if op in ("topk", "labels"):
-        return params["b"] * params["p"], params["d"], params["q"]
-    if op == "loss":
-        return params["n"], params["dim"], params["n"]
-    return None
-
-
-def work(op: str, params: dict) -> float:
-    """The x axis of the plots: matrix-product work (FLOP); for the training step, tokens per step."""
-    f = flops(op, params)
-    if f is not None:
-        return f
-    from .stage1 import tokens_per_step
-
-    return float(tokens_per_step(params))
-
-
-# ============================================================================ builders
+STAGE1_CASES = Stage1Cases()
 
 
 def build_case(op: str, backend: str, device: str = "cpu", **params):
-    """``(fn, inputs)`` of one case (see the module doc)."""
-    if op in ("topk", "labels"):
-        return labels_case(op, backend, device, **params)
-    if op == "loss":
-        return loss_case(backend, device, **params)
-    if op == "stage1":
-        from .stage1 import stage1_case
-
-        return stage1_case(backend, device, **params)
-    raise ValueError(f"op must be one of {OPS}; got {op!r}")
+    """``(fn, inputs)`` of one Stage-1 step (the memory subprocess rebuilds cases through this)."""
+    if op != "stage1":
+        raise ValueError(f"op must be 'stage1'; got {op!r}")
+    return stage1.stage1_case(backend, device, **params)
 
 
-def _generator(device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def _model_full_depth(params: dict, rows: list[dict]) -> None:
+    """The full-depth step time of each variant from the per-layer time measured with SEA off."""
+    by = {r["backend"]: r for r in rows if not r.get("error")}
+    aux = next((r for r in by.values() if r.get("auxiliary")), None)
+    off = by.get("sea-off")
+    if not (aux and off):
+        return
+    n_built, n_short, n_total = stage1.built_layers(params), params["layers_short"], stage1.total_layers(params)
+    per_layer = max(0.0, (off["median_s"] - aux["median_s"]) / (n_built - n_short))
+    for r in by.values():
+        r["extra"]["per_layer_s"] = per_layer
+        if not r.get("auxiliary"):
+            r["extra"]["modelled_step_s"] = r["median_s"] + (n_total - n_built) * per_layer
+            r["extra"]["layers_modelled"] = n_total
 
 
-# ---------------------------------------------------------------------------- topk / labels
+def summary(rows: list[dict]) -> dict:
+    """Per Stage-1 size: step time per variant (modelled where the LM was cut) and overhead vs SEA off."""
+    out = {}
+    for size in dict.fromkeys(r["size"] for r in rows if r["op"] == "stage1"):
+        these = {r["backend"]: r for r in rows if r["op"] == "stage1" and r["size"] == size and not r.get("error")}
+        modelled = any("modelled_step_s" in r.get("extra", {}) for r in these.values())
+        key = (lambda r: r["extra"]["modelled_step_s"]) if modelled else (lambda r: r["median_s"])
+        steps = {
+            b: key(r)
+            for b, r in these.items()
+            if not r.get("auxiliary") and (not modelled or "modelled_step_s" in r["extra"])
+        }
+        off = steps.get("sea-off")
+        out[size] = {
+            "modelled": modelled,
+            "step_s": steps,
+            "overhead": {b: t / off for b, t in steps.items() if off and b != "sea-off"},
+            "tower": next((r["extra"].get("tower") for r in these.values() if r.get("extra", {}).get("tower")), None),
+            "target_fused": TARGETS.get(size),
+        }
+        if modelled:
+            out[size]["note"] = _modelled_note(next(iter(these.values())))
+    return out
 
 
-def labels_inputs(b: int, p: int, q: int, d: int, dtype: str = "float32", device="cpu", seed: int = 0):
-    """``(patches (b, p, d), vocab (q, d), uniforms (b, n_windows, 2))`` for a square grid and window 2."""
-    from sea_kernels.labels import num_windows
-
-    side = int(round(p**0.5))
-    if side * side != p:
-        raise ValueError(f"labels cases use square grids; p = {p}")
-    g = _generator(device, seed)
-    patches = torch.randn(b, p, d, generator=g, device=device).to(DTYPES[dtype])
-    vocab = torch.randn(q, d, generator=g, device=device).to(DTYPES[dtype])
-    uniforms = torch.rand(b, num_windows((side, side), 2), 2, generator=g, device=device)
-    return patches, vocab, uniforms
-
-
-def labels_fn(op: str, backend: str, k: int = 10, negate: bool = True):
-    """The measured function ``fn(patches, vocab, uniforms)`` of a ``topk``/``labels`` case (no warm-up)."""
-    import sea_kernels as sk
-
-    if op not in ("topk", "labels"):
-        raise ValueError(f"op must be 'topk' or 'labels'; got {op!r}")
-    if backend == "cpu_fallback":
-        from sea_kernels.cpu import labels as C
-
-        if op == "topk":
-            return lambda patches, vocab, uniforms: C.cosine_topk_impl(
-                patches.reshape(-1, patches.shape[-1]), vocab, k, negate, use_cpp=False
-            )
-        return lambda patches, vocab, uniforms: C.patch_labels_impl(
-            patches, vocab, _grid(patches), k, 2, negate, uniforms, use_cpp=False
-        )
-    if op == "topk":
-        return lambda patches, vocab, uniforms: sk.cosine_topk(
-            patches, vocab, k, negate=negate, backend=backend, validate=False
-        )
-    return lambda patches, vocab, uniforms: sk.patch_labels(
-        patches, vocab, top_n=k, window=2, negate=negate, uniforms=uniforms, backend=backend, validate=False
+def _modelled_note(r: dict) -> str:
+    p = r["params"]
+    return (
+        f"LM: {stage1.built_layers(p)} of {stage1.total_layers(p)} layers built; the "
+        f"{stage1.total_layers(p)}-layer step is modelled from the per-layer time measured with SEA off "
+        f"({r['extra'].get('per_layer_s', 0) * 1e3:.1f} ms per layer)"
     )
-
-
-def _grid(patches):
-    side = int(round(patches.shape[1] ** 0.5))
-    return side, side
-
-
-def labels_case(op: str, backend: str, device="cpu", *, b, p, q, d, dtype="float32", k=10, negate=True, seed=0):
-    """``(fn, inputs)`` of one ``cosine_topk`` (``op="topk"``) or ``patch_labels`` (top_n = k, window 2) call."""
-    fn = labels_fn(op, backend, k, negate)
-    fn(*labels_inputs(1, 16, max(k, 64), 32, dtype, device, seed))  # warm-up: imports, extension, compile
-    return fn, labels_inputs(b, p, q, d, dtype, device, seed)
-
-
-# ---------------------------------------------------------------------------- loss
-
-
-def loss_inputs(n: int, dim: int, dtype: str = "float32", device="cpu", scale: float = 14.3, seed: int = 0):
-    """``(x, t, log_scale)`` leaves: ``t_i`` correlated with ``x_i`` as in a model being trained."""
-    g = _generator(device, seed)
-    x = torch.randn(n, dim, generator=g, device=device)
-    t = torch.randn(n, dim, generator=g, device=device).mul_(0.7).add_(x, alpha=0.7)
-    x = x.to(DTYPES[dtype]).requires_grad_()
-    t = t.to(DTYPES[dtype]).requires_grad_()
-    log_scale = torch.tensor(float(scale), device=device).log().requires_grad_()
-    return x, t, log_scale
-
-
-def loss_fn(backend: str):
-    """The measured function ``fn(x, t, log_scale)``: one loss, forward and backward (no warm-up)."""
-    import sea_kernels as sk
-
-    if backend == "cpu_fallback":
-        from sea_kernels.cpu import contrastive as C
-
-        def forward(x, t, scale):
-            return C.contrastive_loss(x, t, scale, use_cpp=False)
-    else:
-
-        def forward(x, t, scale):
-            return sk.contrastive_loss(x, t, scale, backend=backend, validate=False)
-
-    def fn(x, t, log_scale):
-        x.grad = t.grad = log_scale.grad = None
-        loss = forward(x, t, log_scale.exp())
-        loss.backward()
-        return loss
-
-    return fn
-
-
-def loss_case(backend: str, device="cpu", *, n, dim, dtype="float32", scale=14.3, seed=0):
-    """``(fn, inputs)`` of one ``contrastive_loss`` forward + backward (gradients of x, t and the log-scale)."""
-    fn = loss_fn(backend)
-    fn(*loss_inputs(64, 16, dtype, device, scale, seed))  # warm-up: imports, extension, compile
-    return fn, loss_inputs(n, dim, dtype, device, scale, seed)

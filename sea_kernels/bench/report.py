@@ -1,4 +1,4 @@
-"""What ``sea bench`` writes: the environment, the table, the JSON, the plots."""
+"""What the benchmarks write: the environment, the tables (one formatter), the JSON, the plots."""
 
 from __future__ import annotations
 
@@ -159,49 +159,42 @@ def _x(r) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    """The one table formatter: a Markdown table (``sea bench``, ``sea selfcheck``, the pytest-benchmark summary)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in cells) + " |" for cells in body)])
+
+
+def _cells(r: dict, gpu: bool) -> list[str]:
+    if r.get("error"):
+        return [r["op"], r["size"], r["shape"], r["backend"], f"error: {r['error']}"] + [""] * (5 + 2 * gpu)
+    cells = [
+        r["op"],
+        r["size"],
+        r["shape"],
+        r["backend"] + (" (baseline)" if r.get("baseline") else ""),
+        _ms(r["median_s"]),
+        _ms(r.get("iqr_s")),
+        str(r.get("runs", "-")),
+        _x(r.get("ratio")),
+        _mib(r.get("extra_peak_bytes")),
+        _x(r.get("peak_ratio")),
+    ]
+    if gpu:
+        share = r.get("matmul_share")
+        cells += [
+            "-" if r.get("tflops") is None else f"{r['tflops']:.1f}",
+            "-" if share is None else f"{100 * share:.0f}%",
+        ]
+    return cells
+
+
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of result rows: one line per op, size and backend, ratios to the baseline."""
     gpu = any(r.get("tflops") is not None for r in rows)
-    head = [
-        "op",
-        "size",
-        "shape",
-        "backend",
-        "median ms",
-        "IQR ms",
-        "runs",
-        "vs baseline",
-        "extra peak MiB",
-        "peak vs baseline",
-    ]
-    if gpu:
-        head += ["TFLOP/s", "of matmul"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r.get("error"):
-            cells = [r["op"], r["size"], r["shape"], r["backend"], f"error: {r['error']}"] + [""] * (len(head) - 5)
-        else:
-            t = r["median_s"]
-            cells = [
-                r["op"],
-                r["size"],
-                r["shape"],
-                r["backend"] + (" (baseline)" if r.get("baseline") else ""),
-                _ms(t),
-                _ms(r.get("iqr_s")),
-                str(r.get("runs", "-")),
-                _x(r.get("ratio")),
-                _mib(r.get("extra_peak_bytes")),
-                _x(r.get("peak_ratio")),
-            ]
-            if gpu:
-                share = r.get("matmul_share")
-                cells += [
-                    "-" if r.get("tflops") is None else f"{r['tflops']:.1f}",
-                    "-" if share is None else f"{100 * share:.0f}%",
-                ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    head = ["op", "size", "shape", "backend", "median ms", "IQR ms", "runs", "vs baseline", "extra peak MiB"]
+    head += ["peak vs baseline"] + (["TFLOP/s", "of matmul"] if gpu else [])
+    return markdown_table(head, [_cells(r, gpu) for r in rows])
 
 
 def stage1_lines(summary: dict) -> list[str]:
@@ -228,11 +221,13 @@ def stage1_lines(summary: dict) -> list[str]:
 # --------------------------------------------------------------------------- files
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path, data) -> Path:
+    """Write ``data`` as indented JSON, atomically (a reader never sees half a file); returns the path."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+    return path
 
 
 def plot_op(rows: list[dict], op: str, title: str, path: Path) -> Path | None:
@@ -315,11 +310,10 @@ def write_table(path: Path, data: dict) -> Path:
 
 
 def write_plots(out_dir: Path, data: dict) -> list[Path]:
-    from .cases import TITLES
-
+    titles = data.get("titles", {})
     written = []
     for op in data["ops"]:
-        png = plot_op(data["results"], op, f"{TITLES[op]} on {where(data)}", Path(out_dir) / f"{op}.png")
+        png = plot_op(data["results"], op, f"{titles.get(op, op)} on {where(data)}", Path(out_dir) / f"{op}.png")
         if png is not None:
             written.append(png)
     return written
@@ -337,6 +331,6 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m sea_model.bench.report BENCH_JSON [OUT_DIR]  (rewrites table.md and the plots)")
+        sys.exit("usage: python -m sea_kernels.bench.report BENCH_JSON [OUT_DIR]  (rewrites table.md and the plots)")
     for path in redraw(*sys.argv[1:]):
         print(path)

@@ -10,7 +10,7 @@ holds large tensors would hide the call's peak.) Linux only.
 CUDA (:func:`cuda_extra_peak_bytes`): ``torch.cuda.max_memory_allocated`` around the call, above
 what was allocated before it, after a warm-up call.
 
-Usage: ``extra_peak_bytes("sea_model.bench.cases:build_case", {"op": "labels", "backend": "cpu",
+Usage: ``extra_peak_bytes("sea_kernels.bench.cases:build_case", {"op": "labels", "backend": "cpu",
 "b": 2, ...})``: the named function takes the keyword arguments and returns ``(fn, inputs)``;
 ``fn(*inputs)`` is measured.
 """
@@ -46,7 +46,7 @@ fn(*inputs)
 print(json.dumps({"extra_peak_bytes": max(0, status_kib("VmHWM") - before) * 1024}))
 """
 
-# The folder that holds the sea_model package (the checkout, or site-packages when installed).
+# The folder that holds the sea_kernels package (the checkout, or site-packages when installed).
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
