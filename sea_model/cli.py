@@ -35,10 +35,11 @@ def _selfcheck(args: argparse.Namespace) -> int:
     import torch
 
     from sea_kernels import available_backends, backends, selfcheck
+    from sea_kernels._common import DTYPES
     from sea_kernels.dispatch import OPS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     print(f"sea selfcheck: torch {torch.__version__}, device {device}, dtype {args.dtype}, size {args.size}")
     rows = selfcheck.run(device, dtype, args.size)
     print(selfcheck.format_table(rows))

@@ -35,7 +35,7 @@ COLOURS = {
     "purple": (148, 70, 189),
     "orange": (255, 127, 14),
 }
-SIZES = {"small": 0.13, "big": 0.25}  # half-width as a fraction of the image side
+OBJECT_SIZES = {"small": 0.13, "big": 0.25}  # half-width as a fraction of the image side
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 IMAGE_SIZE = 64
@@ -76,7 +76,11 @@ class Scene:
 
 def random_scene(rng: random.Random) -> Scene:
     return Scene(
-        rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES)), rng.randrange(3), rng.randrange(3)
+        rng.choice(SHAPES),
+        rng.choice(sorted(COLOURS)),
+        rng.choice(sorted(OBJECT_SIZES)),
+        rng.randrange(3),
+        rng.randrange(3),
     )
 
 
@@ -86,7 +90,7 @@ def draw(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE):
 
     grey = rng.randint(205, 245)
     image = Image.new("RGB", (size, size), (grey, grey + rng.randint(-8, 8), grey + rng.randint(-8, 8)))
-    r = SIZES[scene.size] * size
+    r = OBJECT_SIZES[scene.size] * size
     cx = (scene.column + 0.5) * size / 3 + rng.uniform(-2, 2)
     cy = (scene.row + 0.5) * size / 3 + rng.uniform(-2, 2)
     box = [cx - r, cy - r, cx + r, cy + r]
@@ -146,7 +150,7 @@ def demo_texts() -> list[str]:
     texts = [PRETRAIN_PROMPT.replace("<image>", "")]
     for shape in SHAPES:
         for colour in COLOURS:
-            for size in SIZES:
+            for size in OBJECT_SIZES:
                 for row in range(3):
                     for col in range(3):
                         s = Scene(shape, colour, size, row, col)
@@ -158,36 +162,18 @@ def demo_texts() -> list[str]:
 def demo_tokenizer(extra_words: list[str]):
     """A word-level tokenizer (ChatML template, ``<|im_end|>`` as EOS) knowing every demo word
     and ``extra_words``; each is one token, so every SEA word has a single embedding row."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from .tiny import text_words, word_tokenizer
 
-    from .tiny import CHATML_TEMPLATE
-
-    pre = pre_tokenizers.Whitespace()
-    words = sorted(
-        {w for text in demo_texts() + ["user assistant a"] for w, _ in pre.pre_tokenize_str(text)} | set(extra_words)
-    )
-    specials = ["<pad>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>"
-    )
-    hf.add_tokens(["<|im_start|>", "<|im_end|>", "<image>"], special_tokens=True)
-    hf.add_tokens([AddedToken("\n", normalized=False)])
-    hf.chat_template = CHATML_TEMPLATE
-    return hf
+    words = text_words(demo_texts() + ["user assistant a"]) + list(extra_words)
+    specials = ("<pad>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>")
+    return word_tokenizer(words, specials=specials, eos_token="<|im_end|>", chat_template=True)
 
 
 def sea_words() -> list[str]:
     """The demo's content words, then wordfreq's most frequent lower-case words."""
     from .vocab import wordfreq_words
 
-    own = list(dict.fromkeys([*COLOURS, *SHAPES, *SIZES, *ROWS, *COLUMNS, "object", "image"]))
+    own = list(dict.fromkeys([*COLOURS, *SHAPES, *OBJECT_SIZES, *ROWS, *COLUMNS, "object", "image"]))
     return own + [w for w in wordfreq_words(SEA_WORDS + len(own)).words if w not in own][:SEA_WORDS]
 
 

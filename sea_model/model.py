@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from sea_kernels._common import DTYPES
+
 from .data import IGNORE_INDEX, add_image_token, prompt_ids
 from .vision import VisionConfig, VisionTower, load_clip
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the names of DTYPES a model may be loaded in
 
 
 # --------------------------------------------------------------------------- config
@@ -412,9 +414,9 @@ def build_model(config: ModelConfig, tokenizer=None, *, device: str | torch.devi
     """
     from .vocab import build_vocabulary
 
-    if config.dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {config.dtype!r}")
-    dtype = _DTYPES[config.dtype]
+    if config.dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}; got {config.dtype!r}")
+    dtype = DTYPES[config.dtype]
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
     image_token_id = add_image_token(tokenizer)
     if tokenizer.pad_token is None:

@@ -1,50 +1,12 @@
-"""Tiny random stand-ins for every component, built offline in well under a second.
+"""Tiny random stand-ins, built offline in well under a second: what ``sea demo``, ``sea lab`` and
+the Stage-1 benchmark build their models and tokenizers from.
 
-Used by the tests, the trainer's tests and ``sea demo``: a tiny open_clip ViT (and a tiny
-SigLIP-style timm tower), a tiny Llama, a tiny byte-level BPE tokenizer with an ``<image>``
-token (with or without a chat template), and a folder of synthetic images with LLaVA-style JSON
-files for both stages. Nothing here downloads anything.
+A tiny open_clip ViT config, a tiny Llama config, and a word-level tokenizer (every word one token).
+The tests' builders on top of these (tiny tokenizers, model configs, images, LLaVA-style JSON) are
+in ``tests/tiny.py``. Nothing here downloads anything.
 """
 
 from __future__ import annotations
-
-import json
-import random
-from pathlib import Path
-
-# Words the tiny tokenizer knows well and the tiny SEA vocabulary is made of.
-WORDS = [
-    "cat",
-    "dog",
-    "bird",
-    "car",
-    "tree",
-    "house",
-    "red",
-    "blue",
-    "green",
-    "small",
-    "big",
-    "sky",
-    "water",
-    "road",
-    "person",
-    "ball",
-    "table",
-    "chair",
-    "window",
-    "door",
-    "grass",
-    "cloud",
-    "boat",
-    "flower",
-    "sun",
-    "street",
-    "light",
-    "shadow",
-    "yellow",
-    "white",
-]
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -72,53 +34,6 @@ def tiny_clip_config(
     }
 
 
-TINY_SIGLIP_TIMM_NAME = "sea_tiny_siglip"
-
-
-def register_tiny_siglip() -> str:
-    """Register (once) a tiny SigLIP-style timm ViT: no CLS token, MAP head. Returns its name."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if TINY_SIGLIP_TIMM_NAME not in timm.list_models(TINY_SIGLIP_TIMM_NAME):
-
-        def sea_tiny_siglip(pretrained: bool = False, **kwargs):
-            kwargs.setdefault("global_pool", "map")
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-                kwargs.pop(key, None)
-            return VisionTransformer(
-                img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False, **kwargs
-            )
-
-        register_model(sea_tiny_siglip)
-    return TINY_SIGLIP_TIMM_NAME
-
-
-def tiny_siglip_config() -> dict:
-    """An open_clip config whose image tower is the tiny timm SigLIP-style ViT (MAP head, no proj)."""
-    name = register_tiny_siglip()
-    return {
-        "embed_dim": 32,
-        "custom_text": True,
-        "vision_cfg": {
-            "image_size": 32,
-            "timm_model_name": name,
-            "timm_model_pretrained": False,
-            "timm_pool": "map",
-            "timm_proj": "none",
-        },
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-
-
-def tiny_vision_config(**kw):
-    """A :class:`~sea_model.vision.VisionConfig` for :func:`tiny_clip_config` (random weights)."""
-    from .vision import VisionConfig
-
-    return VisionConfig(name="tiny-clip", pretrained=None, model_cfg=tiny_clip_config(), **kw)
-
-
 def tiny_llm_config(vocab_size: int, **overrides) -> dict:
     """A 2-layer Llama config dict (hidden 32), usable as ``ModelConfig.llm``."""
     cfg = {
@@ -139,85 +54,24 @@ def tiny_llm_config(vocab_size: int, **overrides) -> dict:
     return cfg
 
 
-def tiny_model_config(tokenizer, *, cache_dir=None, sea: bool = True, vocab_size: int = 64, **sea_options):
-    """A whole :class:`~sea_model.model.ModelConfig`: tiny CLIP tower, tiny Llama sized for
-    ``tokenizer`` (plus room for ``<image>``), SEA over wordfreq's top ``vocab_size`` words with
-    ``top_n=3``; ``sea_options`` override :class:`~sea_model.model.SEAConfig` fields (e.g.
-    ``backend="reference"``)."""
-    from .model import ModelConfig, SEAConfig
-
-    options = {"enabled": sea, "vocab_size": vocab_size, "top_n": 3, "cache_dir": str(cache_dir) if cache_dir else None}
-    options.update(sea_options)
-    return ModelConfig(vision=tiny_vision_config(), llm=tiny_llm_config(len(tokenizer) + 1), sea=SEAConfig(**options))
-
-
-def _corpus() -> list[str]:
-    rng = random.Random(0)
-    lines = [
-        "A chat between a curious user and an artificial intelligence assistant.",
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        "USER: what is in the image? ASSISTANT: a photo of a cat.",
-        "user assistant system describe the picture briefly. what color is it?",
-        "Render a clear and concise summary of the photo.",
-    ]
-    for _ in range(200):
-        lines.append(" ".join(rng.choice(WORDS + ["a", "the", "of", "on", "in", "is", "with"]) for _ in range(8)))
-    return lines
-
-
-def tiny_tokenizer(*, chat_template: bool = False, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained in memory on a small corpus (about 0.1 s).
-
-    Specials: ``<pad>`` (0), ``<s>`` (1, BOS, prepended by the post-processor), ``</s>`` (2,
-    EOS), ``<unk>`` (3), then ``<image>`` (added special token). With ``chat_template`` it
-    carries a ChatML template (``<|im_start|>``/``<|im_end|>`` added as specials); without one,
-    stage 2 uses the Vicuna v1 format.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    extra = ["<image>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
-    hf.add_tokens(extra, special_tokens=True)
-    if chat_template:
-        hf.chat_template = CHATML_TEMPLATE
-    return hf
-
-
-def tiny_word_tokenizer(*, chat_template: bool = False):
-    """A word-level tokenizer over the tiny corpus: every word and punctuation mark is one token,
-    ``"\\n"`` is a token of its own, specials as in :func:`tiny_tokenizer`. Token boundaries are
-    obvious, which makes exact token-by-token expectations easy to write."""
+def word_tokenizer(words, *, specials=("<pad>", "<s>", "</s>", "<unk>"), eos_token="</s>", chat_template: bool = False):
+    """A word-level tokenizer: ``specials`` then the sorted ``words``, one token each; ``"\\n"`` is a
+    token of its own, ``<image>`` an added special (with ``chat_template``, ``<|im_start|>`` and
+    ``<|im_end|>`` too, and a ChatML template). The post-processor prepends ``<s>`` (BOS).
+    Whitespace pre-tokenization: a text of known words splits into exactly those tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for line in _corpus() for w, _ in pre.pre_tokenize_str(line)})
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
+    specials = list(specials)
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(words) - set(specials)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", specials.index("<s>"))]
     )
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token=eos_token, unk_token="<unk>"
     )
     hf.add_tokens([AddedToken("\n", normalized=False)])
     hf.add_tokens(["<image>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else []), special_tokens=True)
@@ -226,61 +80,9 @@ def tiny_word_tokenizer(*, chat_template: bool = False):
     return hf
 
 
-def make_images(folder, n: int = 4, *, size=(40, 30), corrupt: int = 0, seed: int = 0) -> list[str]:
-    """Write ``n`` random RGB PNGs (``img0.png``...) and ``corrupt`` broken files (``bad0.png``...)
-    into ``folder``; returns the relative names of the good images."""
-    import numpy as np
-    from PIL import Image
+def text_words(texts) -> list[str]:
+    """The distinct words (and punctuation marks) of ``texts``, as :func:`word_tokenizer` splits them."""
+    from tokenizers import pre_tokenizers
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(n):
-        w, h = size if i % 2 == 0 else size[::-1]
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        names.append(f"img{i}.png")
-    for i in range(corrupt):
-        (folder / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    return names
-
-
-def pretrain_entries(images: list[str], *, seed: int = 0) -> list[dict]:
-    """``blip_laion_cc_sbu_558k.json``-style entries: one image, a short caption each."""
-    rng = random.Random(seed)
-    return [
-        {
-            "id": f"pt{i}",
-            "image": name,
-            "conversations": [
-                {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
-                {"from": "gpt", "value": " ".join(rng.choice(WORDS) for _ in range(4))},
-            ],
-        }
-        for i, name in enumerate(images)
-    ]
-
-
-def finetune_entries(images: list[str], *, seed: int = 0) -> list[dict]:
-    """``llava_v1_5_mix665k.json``-style entries: multi-turn with images, plus text-only ones."""
-    rng = random.Random(seed)
-
-    def turn():
-        return [
-            {"from": "human", "value": f"what color is the {rng.choice(WORDS)}?"},
-            {"from": "gpt", "value": f"it is {rng.choice(WORDS)}."},
-        ]
-
-    out = []
-    for i, name in enumerate(images):
-        conv = turn() + turn()
-        conv[0]["value"] = "<image>\n" + conv[0]["value"]
-        out.append({"id": f"ft{i}", "image": name, "conversations": conv})
-    out.append({"id": "text-only", "conversations": turn()})
-    return out
-
-
-def write_json(path, entries) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(entries, indent=1))
-    return path
+    pre = pre_tokenizers.Whitespace()
+    return sorted({w for text in texts for w, _ in pre.pre_tokenize_str(text)})

@@ -6,7 +6,6 @@ import logging
 import pytest
 import torch
 
-from sea_model import tiny
 from sea_model.data import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
@@ -15,6 +14,7 @@ from sea_model.data import (
     add_image_token,
     prompt_ids,
 )
+from tests import tiny
 
 P = 4  # visual tokens per image in these tests
 

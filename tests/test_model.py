@@ -11,10 +11,10 @@ pytest.importorskip("transformers")
 
 from sea_kernels import SEAAlignmentLoss  # noqa: E402
 from sea_model import model as M  # noqa: E402
-from sea_model import tiny  # noqa: E402
 from sea_model.data import IGNORE_INDEX, Collator, LlavaDataset  # noqa: E402
 from sea_model.model import ModelConfig, SEAConfig, SEAModel, answer, build_adapter, build_model  # noqa: E402
 from sea_model.vision import VisionConfig  # noqa: E402
+from tests import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
 from sea_model import checkpoint as ckpt  # noqa: E402
-from sea_model import tiny  # noqa: E402
 from sea_model.model import build_adapter, build_model  # noqa: E402
 from sea_model.train import (  # noqa: E402
     DataConfig,
@@ -25,6 +24,7 @@ from sea_model.train import (  # noqa: E402
     parse_overrides,
     train,
 )
+from tests import tiny  # noqa: E402
 
 COMPARED = ("loss", "loss_gen", "loss_align", "pairs", "tau", "lr", "grad_norm")
 

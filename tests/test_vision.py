@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from sea_model import tiny  # noqa: E402
 from sea_model.vision import VisionConfig, VisionTower, expand2square, load_clip  # noqa: E402
+from tests import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

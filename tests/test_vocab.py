@@ -7,7 +7,6 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from sea_model import tiny  # noqa: E402
 from sea_model.vision import load_clip  # noqa: E402
 from sea_model.vocab import (  # noqa: E402
     DEFAULT_SIZE,
@@ -18,6 +17,7 @@ from sea_model.vocab import (  # noqa: E402
     word_token_ids,
     wordfreq_words,
 )
+from tests import tiny  # noqa: E402
 
 TWO_OF_12 = Path("/work/shared/data/2of12.txt")
 

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sea_kernels._common import DTYPES, SHORT_DTYPES
+
 STAGE1_BACKENDS = ("sea-off", "sea-reference", "sea-fused")
 SEA_BACKEND = {"sea-off": None, "sea-reference": "reference", "sea-fused": "auto"}
 
@@ -93,8 +95,6 @@ STAGE1_SIZES = {
     ),
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def num_patches(params: dict) -> int:
     t = TOWERS[params["tower"]]
@@ -119,7 +119,7 @@ def is_modelled(params: dict) -> bool:
 
 def describe(params: dict) -> str:
     t, m = TOWERS[params["tower"]], LLMS[params["llm"]]
-    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[params["dtype"]]
+    dtype = SHORT_DTYPES[params["dtype"]]
     layers = (
         f"{built_layers(params)} of {total_layers(params)} layers"
         if is_modelled(params)
@@ -258,7 +258,7 @@ def _shared(params: dict, device):
     from ..model import load_llm
     from ..tiny import tiny_llm_config
 
-    dtype = _DTYPES[params["dtype"]]
+    dtype = DTYPES[params["dtype"]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tower, tower_kind = build_tower(params["tower"], device, dtype)
