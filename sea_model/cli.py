@@ -51,6 +51,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run
+    from .errors import UserError
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     try:
@@ -63,9 +64,8 @@ def _bench(args: argparse.Namespace) -> int:
             memory=not args.no_memory,
             progress=not args.no_progress,
         )
-    except (ValueError, RuntimeError) as err:  # an unknown op, no CUDA: one clear line
-        print(f"sea bench: error: {err}", file=sys.stderr)
-        return 2
+    except RuntimeError as err:  # no CUDA: a user error (unknown ops are ValueErrors)
+        raise UserError(str(err)) from err
     return 0
 
 
@@ -76,12 +76,8 @@ def _logging() -> None:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from .checkpoint import CheckpointError
+    from .errors import UserError
     from .train import load_run_config, parse_overrides, train
-
-    def fail(err: Exception) -> int:  # configuration and checkpoint problems: one clear line
-        print(f"sea train: error: {err}", file=sys.stderr)
-        return 2
 
     shortcuts = {
         "stage": "train.stage",
@@ -89,28 +85,20 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         "init_from": "train.init_from",
         "out": "train.out_dir",
     }
-    try:
-        overrides = parse_overrides(extra)
-        overrides += [
-            (key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None
-        ]
-        if args.fsdp:
-            overrides.append(("train.fsdp", "true"))
-        cfg = load_run_config(args.config, overrides).resolved()
-    except (ValueError, FileNotFoundError) as err:
-        return fail(err)
+    overrides = parse_overrides(extra)
+    overrides += [(key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None]
+    if args.fsdp:
+        overrides.append(("train.fsdp", "true"))
+    cfg = load_run_config(args.config, overrides).resolved()
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if not cfg.data.json_path:
-        return fail(ValueError("data.json_path is required (--data.json_path FILE or in --config)"))
+        raise UserError("data.json_path is required (--data.json_path FILE or in --config)")
     _logging()
-    try:
-        result = train(cfg)
-    except CheckpointError as err:
-        return fail(err)
+    result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.checkpoint is None:
             print(
@@ -253,17 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def run_command(args: argparse.Namespace, call) -> int:
+    """Run a subcommand: a user error (:data:`sea_model.errors.USER_ERRORS`) becomes one line
+    ``sea <cmd>: error: ...`` on stderr and exit status 2 (with ``--debug``, the traceback)."""
+    from .errors import USER_ERRORS, one_line
+
+    try:
+        return call()
+    except USER_ERRORS as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"sea {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "takes_overrides", False):
-        return args.func(args, extra)
+        return run_command(args, lambda: args.func(args, extra))
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    return run_command(args, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -59,3 +59,8 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sea {argv[0]}: error: ") and message in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="unknown key train.nope"):
+        cli.main(["train", "--debug", "--stage", "1", "--train.nope", "1"])
