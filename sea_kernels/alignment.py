@@ -35,7 +35,10 @@ class SEAAlignmentLoss(nn.Module):
         ``window x window`` tile. negate: score with ``-cos`` (Eq. 6, for CLIP patch tokens).
         dedup: keep one pair per distinct label in the batch (across ranks with ``group``).
         init_log_scale: initial ``log(1 / tau)``; 0.0 reads the paper's "tau = 0" as tau = 1,
-        ``math.log(1 / 0.07)`` is CLIP's choice. max_scale: upper clamp of ``1 / tau``.
+        ``math.log(1 / 0.07)`` is CLIP's choice. max_scale / min_scale: upper / lower clamp of
+        ``1 / tau`` (defaults 100 and 0.01: ``0.01 <= tau <= 100``); the lower one keeps a
+        diverging ``log_scale`` from reaching a scale of 0. Outside the clamps ``log_scale`` gets
+        no gradient.
         backend: kernel backend for labels and loss (``auto`` picks the fastest available).
     """
 
@@ -48,23 +51,26 @@ class SEAAlignmentLoss(nn.Module):
         init_log_scale: float = 0.0,
         max_scale: float = 100.0,
         backend: str = "auto",
+        min_scale: float = 0.01,
     ):
         super().__init__()
         top_n = check_int("top_n", top_n, 1)
         window = check_int("window", window, 1)
         if not (max_scale > 0 and math.isfinite(max_scale)):
             raise ValueError(f"max_scale must be positive and finite; got {max_scale}")
+        if not (0 < min_scale <= max_scale):
+            raise ValueError(f"min_scale must be in (0, max_scale = {max_scale}]; got {min_scale}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
         self.top_n, self.window, self.negate, self.dedup = top_n, window, negate, dedup
-        self.max_scale, self.backend = float(max_scale), backend
+        self.max_scale, self.min_scale, self.backend = float(max_scale), float(min_scale), backend
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
         self._checked_vocabulary = None
 
     def extra_repr(self) -> str:
         return (
             f"top_n={self.top_n}, window={self.window}, negate={self.negate}, dedup={self.dedup}, "
-            f"max_scale={self.max_scale}, backend={self.backend!r}"
+            f"min_scale={self.min_scale}, max_scale={self.max_scale}, backend={self.backend!r}"
         )
 
     def forward(
@@ -130,8 +136,8 @@ class SEAAlignmentLoss(nn.Module):
         return SEAAlignmentOutput(loss, pairs, scale.detach(), labels, keep)
 
     def scale(self) -> torch.Tensor:
-        """``1 / tau = exp(log_scale)``, clamped to ``max_scale`` (differentiable)."""
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        """``1 / tau = exp(log_scale)``, clamped to ``[min_scale, max_scale]`` (differentiable)."""
+        return self.log_scale.exp().clamp(min=self.min_scale, max=self.max_scale)
 
     def _check_vocabulary(self, vocab_features) -> None:
         """Finiteness of the (constant) vocabulary features, checked again only when they change."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -95,6 +96,11 @@ class TrainConfig:
         fsdp: shard the model with FSDP2 when there is more than one process (stage 2).
         device: default ``cuda:<local rank>`` when CUDA is available, else ``cpu``.
         deterministic: ``torch.use_deterministic_algorithms(True)``.
+        max_bad_steps: a step whose loss or gradient norm is not finite is skipped (weights and
+            optimizer state untouched, a warning, ``"skipped": true`` in the metrics); after this
+            many in a row the run stops with an error (0: stop at the first).
+        overwrite: start afresh in an ``out_dir`` that holds another run's checkpoints (they and
+            its metrics are deleted); without it such a folder is refused unless ``resume`` is set.
     """
 
     stage: int = 1
@@ -122,6 +128,8 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     deterministic: bool = False
+    max_bad_steps: int = 3
+    overwrite: bool = False
 
 
 @dataclass
@@ -149,16 +157,69 @@ class RunConfig:
                 setattr(t, key, defaults[key])
         if cfg.data.template is None:
             cfg.data.template = defaults["template"]
-        if t.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.precision must be 'auto', 'bf16' or 'fp32'; got {t.precision!r}")
-        if t.vision_lr is not None and t.stage != 2:
-            raise ValueError("train.vision_lr (training the vision tower) is for stage 2")
-        for key in ("global_batch_size", "micro_batch_size"):
-            if getattr(t, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1; got {getattr(t, key)}")
-        if not 0 <= t.warmup_ratio < 1:
-            raise ValueError(f"train.warmup_ratio must be in [0, 1); got {t.warmup_ratio}")
+        check_train(t)
+        check_data(cfg.data)
+        check_sea(cfg.model.sea)
         return cfg
+
+
+def _require(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}; got {value!r}")
+
+
+def _positive(x) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _non_negative(x) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def check_train(t: TrainConfig) -> None:
+    """Ranges (NaN refused), the batch sizes' divisibility, the stage's options; one clear error."""
+    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'", t.precision)
+    if t.vision_lr is not None and t.stage != 2:
+        raise ValueError("train.vision_lr (training the vision tower) is for stage 2")
+    _require(_positive(t.lr), "train.lr", "a finite number > 0", t.lr)
+    if t.vision_lr is not None:
+        _require(_positive(t.vision_lr), "train.vision_lr", "a finite number > 0 (or null)", t.vision_lr)
+    _require(_non_negative(t.weight_decay), "train.weight_decay", "a finite number >= 0", t.weight_decay)
+    _require(all(math.isfinite(b) and 0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
+    _require(
+        math.isfinite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio
+    )
+    for key in ("global_batch_size", "micro_batch_size"):
+        _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
+    if t.global_batch_size % t.micro_batch_size:
+        raise ValueError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({t.micro_batch_size}) (times the number of processes)"
+        )
+    _require(_positive(t.epochs), "train.epochs", "a finite number > 0", t.epochs)
+    for key in ("max_steps", "stop_after"):
+        _require(getattr(t, key) is None or getattr(t, key) >= 1, f"train.{key}", ">= 1 (or null)", getattr(t, key))
+    _require(_non_negative(t.grad_clip), "train.grad_clip", "a finite number >= 0 (0: no clipping)", t.grad_clip)
+    _require(t.save_every >= 0, "train.save_every", ">= 0 (0: only at the end)", t.save_every)
+    _require(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
+    _require(t.max_bad_steps >= 0, "train.max_bad_steps", ">= 0", t.max_bad_steps)
+    if t.overwrite and t.resume:
+        raise ValueError("train.overwrite and train.resume exclude each other: resume continues the run in out_dir")
+
+
+def check_data(d: DataConfig) -> None:
+    _require(d.max_length >= 2, "data.max_length", ">= 2", d.max_length)
+    _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+
+
+def check_sea(sea) -> None:
+    """SEA's options: the loss weight, label counts and the temperature's clamps."""
+    _require(_non_negative(sea.weight), "model.sea.weight", "a finite number >= 0", sea.weight)
+    _require(sea.top_n >= 1, "model.sea.top_n", ">= 1", sea.top_n)
+    _require(sea.window >= 1, "model.sea.window", ">= 1", sea.window)
+    _require(_positive(sea.max_scale), "model.sea.max_scale", "a finite number > 0", sea.max_scale)
+    rule = f"a finite number in (0, max_scale = {sea.max_scale}]"
+    _require(_positive(sea.min_scale) and sea.min_scale <= sea.max_scale, "model.sea.min_scale", rule, sea.min_scale)
 
 
 def _unwrap_optional(tp):
@@ -288,6 +349,12 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[tuple
             raise FileNotFoundError(f"--config: no such file: {path}") from None
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+            ) from None
+        except IsADirectoryError:
+            raise ValueError(f"--config {path}: a directory, not a YAML file") from None
         if not isinstance(file_dict, dict):
             raise ValueError(
                 f"{path}: expected a mapping with sections model, data, train; got {type(file_dict).__name__}"
@@ -304,8 +371,7 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[tuple
     if t.get("resume"):
         saved = ckpt.read_info(ckpt.resolve(t["resume"], t.get("out_dir")))
         base = _merge(base, saved.get("run", {}))
-        for key in ("resume", "stop_after"):  # how that invocation ran, not what this one should do
-            base["train"][key] = None
+        base["train"].update(resume=None, stop_after=None, overwrite=False)  # how that one ran, not what this one does
     elif t.get("init_from") and not str(t["init_from"]).endswith(".bin"):
         saved = ckpt.read_info(ckpt.resolve(t["init_from"]))
         base["model"] = saved["model"]

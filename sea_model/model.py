@@ -39,7 +39,8 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the names of DTYPES a model
 @dataclass
 class SEAConfig:
     """SEA options. ``weight`` is the lambda of ``loss = L_gen + lambda * L_align``; ``top_n``
-    ... ``backend`` go to ``SEAAlignmentLoss``; ``words`` (a word-list file, None = wordfreq's
+    ... ``backend`` go to ``SEAAlignmentLoss`` (``min_scale``/``max_scale`` clamp ``1 / tau``:
+    ``0.01 <= tau <= 100`` by default); ``words`` (a word-list file, None = wordfreq's
     top ``vocab_size``), ``template`` and ``cache_dir`` define the vocabulary."""
 
     enabled: bool = True
@@ -50,6 +51,7 @@ class SEAConfig:
     dedup: bool = True
     init_log_scale: float = 0.0
     max_scale: float = 100.0
+    min_scale: float = 0.01
     backend: str = "auto"
     words: str | None = None
     vocab_size: int = 41_242
@@ -57,7 +59,7 @@ class SEAConfig:
     cache_dir: str | None = None
 
     def loss_kwargs(self) -> dict:
-        keys = ("top_n", "window", "negate", "dedup", "init_log_scale", "max_scale", "backend")
+        keys = ("top_n", "window", "negate", "dedup", "init_log_scale", "max_scale", "min_scale", "backend")
         return {k: getattr(self, k) for k in keys}
 
 

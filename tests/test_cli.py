@@ -53,6 +53,17 @@ def test_print_config_resolves_shortcuts_files_and_overrides(tmp_path, capsys):
         (["train", "--stage", "1"], "data.json_path is required"),
         (["train", "--stage", "1", "--train.lr"], "--train.lr: missing value"),
         (["bench", "--ops", "nope"], "nope"),
+        # values validated on load, before anything is built
+        (["train", "--train.lr", "-1"], "train.lr must be a finite number > 0; got -1.0"),
+        (["train", "--train.micro_batch_size", "3", "--train.global_batch_size", "8"], "must be a multiple of"),
+        (["train", "--train.save_every", "-1"], "train.save_every must be >= 0"),
+        (["train", "--train.keep_last", "0"], "train.keep_last must be >= 1"),
+        (["train", "--train.epochs", "-1"], "train.epochs must be a finite number > 0"),
+        (["train", "--train.grad_clip", "nan"], "train.grad_clip must be a finite number >= 0"),
+        (["train", "--train.max_steps", "0"], "train.max_steps must be >= 1"),
+        (["train", "--train.betas", "[0.9, 1.5]"], "train.betas must be two numbers in [0, 1)"),
+        (["train", "--model.sea.min_scale", "0"], "model.sea.min_scale must be a finite number in (0"),
+        (["train", "--data.num_workers", "-2"], "data.num_workers must be >= 0"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
@@ -64,3 +75,20 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
 def test_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="unknown key train.nope"):
         cli.main(["train", "--debug", "--stage", "1", "--train.nope", "1"])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"train: {lr: [1, 2", "not valid YAML"),
+        (b"train:\n  lr: \xff\xfe\n", "not UTF-8 text (byte 0xff at offset 13)"),
+        (b"- 1\n- 2\n", "expected a mapping with sections model, data, train"),
+        (b"train:\n  lr: fast\n", "train.lr: cannot read 'fast'"),
+    ],
+)
+def test_bad_config_files_are_named(tmp_path, capsys, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
