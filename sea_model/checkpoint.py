@@ -13,7 +13,14 @@ A checkpoint is a directory ``<out_dir>/checkpoint-<step, 7 digits>/``:
   ``rng_state_<rank>.pt`` per rank (torch, CUDA, Python, NumPy and SEA-generator states);
 * stage 1: ``mm_projector.bin``, the adapter under LLaVA's names (``model.mm_projector.0.weight``
   ... for ``mlp2x_gelu``), loadable by LLaVA's ``--pretrain_mm_mlp_adapter``; the final one is
-  also copied to ``<out_dir>/mm_projector.bin``.
+  also copied to ``<out_dir>/mm_projector.bin``;
+* ``checksums.json``: the sha256 of every other file, verified when a file is loaded (a changed
+  or damaged file is a :class:`CheckpointError` naming it; checkpoints without it still load).
+
+Files get the modes a plain ``open`` gives (0666 less the umask) and are fsynced, with their
+folder, before the rename. A checkpoint whose weights hold NaN or infinite values is never
+written. A failed write (a full disk) removes the partial folder and says how much space a
+checkpoint needs.
 
 :class:`Checkpointer` is given a run's stateful objects (model, optimizer, scheduler, SEA's
 generator, the trainer's progress) once and saves or restores them by step. Each checkpoint is
@@ -26,6 +33,8 @@ unpickles arbitrary objects: tensors come from safetensors, state from JSON or
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +55,7 @@ OPTIMIZER = "optimizer.pt"
 STATE = "trainer_state.json"
 TOKENIZER = "tokenizer"
 MM_PROJECTOR = "mm_projector.bin"
+CHECKSUMS = "checksums.json"
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 
@@ -94,25 +104,56 @@ def resolve(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -
 # --------------------------------------------------------------------------- reading, with clear errors
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path) -> None:
+    """Compare ``path`` with the checksum its checkpoint recorded (``checksums.json`` beside it,
+    or one folder up for the tokenizer's files); checkpoints written before checksums pass."""
+    path = Path(path)
+    for root in (path.parent, path.parent.parent):
+        sums = root / CHECKSUMS
+        if sums.is_file():
+            try:
+                recorded = json.loads(sums.read_text()).get(path.relative_to(root).as_posix())
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise CheckpointError(f"{sums}: not valid JSON; the checkpoint is damaged") from None
+            if recorded is not None and recorded != _sha256(path):
+                raise CheckpointError(
+                    f"{path}: checksum mismatch (sha256 differs from {CHECKSUMS}): the file was changed or damaged "
+                    f"after it was written"
+                )
+            return
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or not written by sea") from None
+    _verify(path)
+    return value
 
 
 def _torch_load(path: Path):
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle (refused by weights_only), ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path}: cannot be read as tensors and plain data ({first}); the file is truncated or not written by sea"
         ) from None
+    _verify(path)
+    return value
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -128,13 +169,15 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                     f"{path}: not a sea checkpoint's weights (metadata sea={meta.get('sea')!r}, expected "
                     f"{FORMAT}-v{VERSION!r})"
                 )
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({err}); the file is truncated or not safetensors"
         ) from None
+    _verify(path)
+    return tensors
 
 
 def read_info(ckpt: str | os.PathLike) -> dict:
@@ -158,6 +201,8 @@ def load_tokenizer(ckpt: str | os.PathLike):
     path = Path(ckpt) / TOKENIZER
     if not path.is_dir():
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    for file in sorted(path.iterdir()):
+        _verify(file)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
@@ -281,6 +326,60 @@ def _set_rng_state(state: dict, sea_generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, g))
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # a DTensor (FSDP2): this rank's shard
+
+
+def _param_device(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return _local(p).device if p is not None else torch.device("cpu")
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts / lists."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the modes of a plain ``open`` (0666 / 0777 less
+    the umask; safetensors writes 0600), record their sha256 in ``checksums.json`` and fsync all."""
+    umask = os.umask(0)
+    os.umask(umask)
+    sums = {}
+    for path in sorted(folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if path.is_file():
+            sums[path.relative_to(folder).as_posix()] = _sha256(path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    sums_path = folder / CHECKSUMS
+    with open(sums_path, "w") as f:
+        json.dump(sums, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for sub in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        _fsync_dir(sub)
+
+
 def _gather_weights(model, names: list[str], main: bool) -> dict[str, torch.Tensor]:
     """Full tensors on the main rank (FSDP shards are all-gathered on every rank, in order)."""
     params = dict(model.named_parameters())
@@ -335,29 +434,93 @@ class Checkpointer:
             torch.distributed.barrier()
 
     def save(self, step: int) -> Path:
-        """Write ``checkpoint-<step>`` atomically (into ``.checkpoint-<step>.tmp``, then renamed),
-        keep the last ``keep_last``; returns its path."""
+        """Write ``checkpoint-<step>`` atomically (into ``.checkpoint-<step>.tmp``: files written,
+        given the usual modes, checksummed, fsynced, then renamed; the folder fsynced), keep the
+        last ``keep_last``; returns its path. When ``keep_last`` allows, the oldest checkpoints are
+        removed before writing, so the disk needs room for ``keep_last`` of them, not one more.
+
+        Raises :class:`CheckpointError` without writing when a saved parameter is not finite, and
+        when a write fails (a full disk: the space needed and free), after removing the partial folder."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         name = checkpoint_name(step)
         final, tmp = self.out_dir / name, self.out_dir / f".{name}.tmp"
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
         names = saved_parameter_names(self.model)
+        self._check_finite(names, name)
         weights = _gather_weights(self.model, names, self.main)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        error = self._agree(self._attempt(lambda: self._make_room(final, tmp)) if self.main else None)
+        if error is None:
+            error = self._agree(self._attempt(lambda: self._write(tmp, step, names, weights, optim)))
+        if error is None and self.main:
+            error = self._attempt(lambda: self._publish(tmp, final))
+        error = self._agree(error)
+        if error is not None:
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise self._write_error(error, name, weights, optim)
+        self.last = final
+        return final
+
+    @staticmethod
+    def _attempt(write) -> OSError | None:
+        try:
+            write()
+        except OSError as err:
+            return err
+        return None
+
+    def _agree(self, error: OSError | None) -> OSError | None:
+        """Every rank's outcome of a write (collective when ``world > 1``): an error if any failed."""
+        if self.world == 1:
+            return error
+        flag = torch.tensor([float(error is not None)], device=_param_device(self.model))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and error is None:
+            return OSError(errno.EIO, "another process failed to write its part")
+        return error
+
+    def _check_finite(self, names: list[str], name: str) -> None:
+        params = dict(self.model.named_parameters())
+        bad = [n for n in names if not bool(torch.isfinite(_local(params[n])).all())]
+        if self.world > 1:  # FSDP shards differ: agree
+            count = torch.tensor([float(len(bad))], device=_param_device(self.model))
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            bad = bad or (["a parameter of another process"] if count.item() else [])
+        if bad:
+            raise CheckpointError(
+                f"not saving {name}: {len(bad)} parameter(s) hold NaN or infinite values (e.g. {bad[0]}): the run "
+                f"diverged. Lower train.lr or set train.grad_clip and resume from the last good checkpoint "
+                f"({self.last or 'the latest in ' + str(self.out_dir)})"
+            )
+
+    def _make_room(self, final: Path, tmp: Path) -> None:
+        """Remove partial saves and, when ``keep_last`` allows, the checkpoints the new one will push out."""
+        for partial in self.out_dir.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(partial, ignore_errors=True)
+        if self.keep_last >= 2:
+            others = [c for c in list_checkpoints(self.out_dir) if c.name != final.name]
+            for stale in others[: max(0, len(others) - (self.keep_last - 1))]:
+                shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+
+    def _write(self, tmp: Path, step: int, names: list[str], weights: dict, optim: dict) -> None:
         if self.main:
             self._write_main_files(tmp, step, names, weights, optim)
         torch.save(_rng_state(self.generator), tmp / rng_file(self.rank))
-        self._barrier()
-        if self.main:
-            self._publish(tmp, final)
-        self._barrier()
-        self.last = final
-        return final
+
+    def _write_error(self, err: OSError, name: str, weights: dict, optim: dict) -> CheckpointError:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = sum(t.numel() * t.element_size() for t in _tensors([weights, optim]))
+            free = shutil.disk_usage(self.out_dir).free
+            return CheckpointError(
+                f"cannot write {name} in {self.out_dir}: no space left on the device (a checkpoint needs about "
+                f"{_mb(need)}, {_mb(free)} free; the partial checkpoint was removed). Free space or lower "
+                f"train.keep_last, then --resume latest"
+            )
+        reason = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        return CheckpointError(f"cannot write {name} in {self.out_dir}: {reason} (the partial checkpoint was removed)")
 
     def _write_main_files(self, tmp: Path, step: int, names: list[str], weights: dict, optim: dict) -> None:
         from safetensors.torch import save_file
@@ -381,17 +544,18 @@ class Checkpointer:
         (tmp / CONFIG).write_text(json.dumps(info, indent=1))
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename ``tmp`` to ``final`` (replacing a checkpoint of the same step), prune old ones."""
+        """Seal ``tmp`` (modes, checksums, fsync), rename it to ``final`` (replacing a checkpoint of
+        the same step), fsync the folder, prune old checkpoints."""
+        _seal(tmp)
         if final.exists():  # a rerun of this step (after a resume): replace it
             old = self.out_dir / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
-        for stale in list_checkpoints(self.out_dir)[: -max(1, self.keep_last)]:
+        _fsync_dir(self.out_dir)
+        for stale in list_checkpoints(self.out_dir)[: -self.keep_last]:
             shutil.rmtree(stale)
-        for partial in self.out_dir.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(partial, ignore_errors=True)
 
     def load(self, ckpt: str | os.PathLike) -> dict:
         """Restore optimizer, scheduler, this rank's RNG states and ``progress`` from ``ckpt``

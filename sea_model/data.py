@@ -26,14 +26,18 @@ expanded into ``num_image_tokens`` copies, one per visual token, which the model
 the adapter's outputs. Sequences are truncated to ``max_length`` (an image block that would be
 cut is dropped whole and the sample becomes text-only).
 
+:func:`check_data` reads and validates the file and opens a sample of its images, so a wrong
+path, a malformed file or a wrong image folder is a clear error before any model is built.
+
 A missing or unreadable image never stops an epoch: the sample is replaced by the next entry
-(wrapping around) whose image loads. Each bad entry is warned about and counted once per process
-(and skipped without retrying afterwards), both in ``dataset.skipped`` (a ``Counter`` with
-``"missing"`` and ``"corrupt"``; per process, so with DataLoader workers it stays empty in the
-main process and each worker finds the bad entries on its own) and in the batches, as
-``batch["skipped"]`` (the bad entries found while producing that batch; works with workers).
-Replacing rather than dropping keeps every batch full, so data-parallel ranks always take the
-same number of steps.
+(wrapping around) whose image loads. Each bad entry is counted once per process (and skipped
+without retrying afterwards), both in ``dataset.skipped`` (a ``Counter`` with ``"missing"`` and
+``"corrupt"``; per process, so with DataLoader workers it stays empty in the main process and
+each worker finds the bad entries on its own) and in the batches, as ``batch["skipped"]`` and
+``batch["skipped_examples"]`` (the bad entries found while producing that batch, and up to three
+of their names; works with workers); the trainer reports them, aggregated (the dataset logs
+them at debug level only). Replacing rather than dropping keeps every batch full, so
+data-parallel ranks always take the same number of steps.
 """
 
 from __future__ import annotations
@@ -258,6 +262,73 @@ def validate_entries(entries, path, template: str) -> None:
             raise bad(f"the plain (stage-1) template needs exactly one human and one gpt turn; got {len(roles)} turns")
 
 
+# --------------------------------------------------------------------------- reading and checking
+
+
+def read_entries(json_path: str | os.PathLike) -> list:
+    """The entries of a LLaVA JSON file; a missing, non-UTF-8 or malformed file is a ``ValueError``
+    naming it."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise ValueError(f"data.json_path {path}: no such file" + (" (a directory)" if path.is_dir() else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+
+
+def image_problem(path: Path) -> str | None:
+    """None when PIL can read the image at ``path``, else ``"missing"`` or ``"corrupt"``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        return "missing"
+    except Exception:  # PIL raises many types for broken files
+        return "corrupt"
+    return None
+
+
+def check_data(json_path, image_folder, template: str, *, sample: int = 16) -> list:
+    """Read and validate the data file and open ``sample`` of its images (spread over the file);
+    returns the entries. Raises ``ValueError`` when the file is bad, the image folder is missing
+    or none of the sampled images opens; logs one warning when some do not."""
+    path = Path(json_path)
+    entries = read_entries(path)
+    validate_entries(entries, path, template)
+    images = [e["image"] for e in entries if "image" in e]
+    if not images:
+        return entries
+    if image_folder is None:
+        raise ValueError(f"{path}: {len(images)} entries have images: data.image_folder is required")
+    folder = Path(image_folder)
+    if not folder.is_dir():
+        raise ValueError(
+            f"data.image_folder {folder}: no such folder ({len(images)} entries of {path.name} have images)"
+        )
+    picks = images[:: max(1, len(images) // sample)][:sample]
+    bad = [f"{name} ({problem})" for name in picks if (problem := image_problem(folder / name))]
+    if len(bad) == len(picks):
+        raise ValueError(
+            f"none of {len(picks)} sampled images under {folder} can be read (e.g. {', '.join(bad[:3])}): "
+            f"is data.image_folder right?"
+        )
+    if bad:
+        log.warning(
+            "%d of %d sampled images under %s cannot be read (e.g. %s); such entries are skipped and counted",
+            len(bad),
+            len(picks),
+            folder,
+            ", ".join(bad[:3]),
+        )
+    return entries
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -272,9 +343,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         num_image_tokens: visual tokens per image (``VisionTower.num_patches``).
         template: ``"plain"`` (stage 1), ``"chat"``, ``"vicuna_v1"`` or ``"auto"`` (stage 2).
         max_length: truncate sequences to this many tokens (image tokens included).
+        entries: the file's entries when already read (:func:`check_data`); validated again.
 
     Items are dicts: ``input_ids``, ``labels`` (int64 tensors), ``pixel_values`` (tensor or None),
-    ``has_image`` (bool), ``id``, ``skipped`` (images skipped to produce this item).
+    ``has_image`` (bool), ``id``, ``skipped`` (images skipped to produce this item) and
+    ``skipped_examples`` (up to three of them, ``"name (missing)"``).
     """
 
     def __init__(
@@ -287,20 +360,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         num_image_tokens: int,
         template: str = "auto",
         max_length: int = 2048,
+        entries: list | None = None,
     ):
         self.path = Path(json_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"json_path: no such file: {self.path}")
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be >= 1; got {num_image_tokens}")
         if max_length <= num_image_tokens:
             raise ValueError(f"max_length ({max_length}) must exceed num_image_tokens ({num_image_tokens})")
         self.template = resolve_template(template, tokenizer)
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                entries = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path}: not valid JSON: {err}") from None
+        if entries is None:
+            entries = read_entries(self.path)
         validate_entries(entries, self.path, self.template)
         if any("image" in e for e in entries):
             if image_folder is None or image_processor is None:
@@ -331,7 +400,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             return None, "corrupt"
 
     def __getitem__(self, index: int) -> dict:
-        skipped = 0
+        skipped, examples = 0, []
         for k in range(len(self.entries)):
             i = (index + k) % len(self.entries)
             e = self.entries[i]
@@ -344,7 +413,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                     self._bad.add(i)
                     self.skipped[problem] += 1
                     skipped += 1
-                    log.warning(
+                    examples = (examples + [f"{e['image']} ({problem})"])[:3]
+                    log.debug(
                         "%s: entry %d (id=%r): %s image %s skipped", self.path.name, i, e.get("id"), problem, e["image"]
                     )
                     continue
@@ -364,6 +434,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 "has_image": has_image,
                 "id": e.get("id", i),
                 "skipped": skipped,
+                "skipped_examples": examples,
             }
         raise RuntimeError(f"{self.path}: no entry has a loadable image (skipped {dict(self.skipped)})")
 
@@ -373,8 +444,8 @@ class Collator:
 
     Returns ``input_ids`` ``(B, T)`` (padded with ``pad_token_id``), ``labels`` (-100 padding),
     ``attention_mask``, ``pixel_values`` ``(n_images, 3, H, W)`` stacked in batch order for the
-    samples that have an image (None when none has), ``has_image`` ``(B,)`` bool, ``ids`` and
-    ``skipped`` (images skipped while producing these items). ``None`` items are dropped.
+    samples that have an image (None when none has), ``has_image`` ``(B,)`` bool, ``ids``,
+    ``skipped`` (images skipped while producing these items) and ``skipped_examples``. ``None`` items are dropped.
     """
 
     def __init__(self, pad_token_id: int):
@@ -403,4 +474,5 @@ class Collator:
             "has_image": torch.tensor([bool(it["has_image"]) for it in items]),
             "ids": [it["id"] for it in items],
             "skipped": sum(it.get("skipped", 0) for it in items),
+            "skipped_examples": [x for it in items for x in it.get("skipped_examples", ())][:3],
         }

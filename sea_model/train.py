@@ -231,26 +231,32 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
     The loss sums stay on the device and are read once, after the last micro-batch. Returns
     floats: ``loss`` and ``loss_gen`` (means over micro-batches and ranks), ``loss_align`` (None
     without SEA), ``pairs`` (global), ``pairs_local`` (this rank's), ``tau``, ``lr`` (the rate this
-    step used), ``grad_norm`` (None without clipping) and ``tokens`` (over ranks)."""
+    step used), ``grad_norm`` (None without clipping), ``tokens`` and ``skipped_images`` (over
+    ranks: images that could not be read, replaced by other samples), ``skipped_examples`` (this
+    rank's, up to three)."""
     device = next(iter(s.params)).device if s.params else torch.device("cpu")
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, L_gen, tokens, L_align
-    align_n, pairs, local_pairs, tau = 0, 0, 0, None
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, L_gen, tokens, skipped images, L_align
+    align_n, pairs, local_pairs, tau, examples = 0, 0, 0, None, []
     for micro in range(accum):
         batch = _to_device(next(batches), device)
         out = forward_backward_step(s, batch, accum=accum, last=micro == accum - 1)
         align = out.loss_align.detach() if out.loss_align is not None else out.loss.new_zeros(())
-        sums += torch.stack([out.loss.detach(), out.loss_gen.detach(), batch["attention_mask"].sum(), align]).double()
+        skipped = align.new_tensor(batch.get("skipped", 0))
+        sums += torch.stack(
+            [out.loss.detach(), out.loss_gen.detach(), batch["attention_mask"].sum(), skipped, align]
+        ).double()
+        examples += batch.get("skipped_examples", [])
         if out.align is not None:
             local_pairs += int(out.align.keep.sum())  # this rank's share of out.pairs
         if out.loss_align is not None:
             align_n, pairs, tau = align_n + 1, pairs + out.pairs, out.temperature
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip) if s.grad_clip > 0 else None
-    if s.dist.world > 1:  # L_gen and tokens over ranks (L_align and pairs are already global)
-        torch.distributed.all_reduce(sums[:3])
+    if s.dist.world > 1:  # L_gen, tokens, skipped images over ranks (L_align and pairs are already global)
+        torch.distributed.all_reduce(sums[:4])
     if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2)
         grad_norm = grad_norm.full_tensor()
     norm = grad_norm.detach().reshape(1).to(sums) if grad_norm is not None else sums.new_zeros(1)
-    loss, loss_gen, tokens, align_sum, norm = torch.cat([sums, norm]).tolist()  # the one read of the step
+    loss, loss_gen, tokens, skipped, align_sum, norm = torch.cat([sums, norm]).tolist()  # the one read of the step
     lr = s.optimizer.param_groups[0]["lr"]
     s.optimizer.step()
     if s.scheduler is not None:
@@ -267,6 +273,8 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
         "lr": lr,
         "grad_norm": norm if grad_norm is not None else None,
         "tokens": tokens,
+        "skipped_images": int(skipped),
+        "skipped_examples": examples[:3],
     }
 
 

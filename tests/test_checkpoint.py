@@ -3,8 +3,12 @@ replacing a step, cleaning partial saves, resolving, and the LLaVA adapter expor
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import re
+import stat
 
 import numpy as np
 import pytest
@@ -77,6 +81,7 @@ def test_a_checkpoint_holds_the_documented_files(built, tmp_path):
     assert names == {"config.json", "model.safetensors", "tokenizer", "optimizer.pt", "trainer_state.json"} | {
         "rng_state_0.pt",
         "mm_projector.bin",
+        "checksums.json",
     }
     info = ckpt.read_info(path)
     assert (info["format"], info["version"], info["stage"], info["step"]) == ("sea-checkpoint", 1, 1, 1)
@@ -157,3 +162,81 @@ def test_resolve_errors_name_the_path(tmp_path):
         ckpt.resolve("latest")
     with pytest.raises(ckpt.CheckpointError, match="nowhere: no such checkpoint or output directory"):
         ckpt.resolve(tmp_path / "nowhere")
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(built, tmp_path):
+    c = objects(built, tmp_path)
+    fake_step(c)
+    path = c.save(1)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors: checksum mismatch"):
+        ckpt.load_weights(built["model"], path)
+    tok_file = next((path / "tokenizer").iterdir())
+    tok_file.write_bytes(tok_file.read_bytes() + b" ")
+    with pytest.raises(ckpt.CheckpointError, match=rf"tokenizer/{tok_file.name}: checksum mismatch"):
+        ckpt.load_tokenizer(path)
+    state = path / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 1', '"step": 2'))
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state\.json: checksum mismatch"):
+        objects(built, tmp_path).load(path)
+
+
+def test_files_get_the_modes_of_a_plain_open(built, tmp_path):
+    c = objects(built, tmp_path)
+    path = c.save(0)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in path.rglob("*")}
+    files = {k: m for k, m in modes.items() if (path / k).is_file()}
+    assert set(files.values()) == {0o666 & ~umask}, files  # safetensors alone would write 0600
+    assert {m for k, m in modes.items() if k not in files} <= {0o777 & ~umask}
+
+
+def test_a_full_disk_removes_the_partial_checkpoint_and_says_what_is_needed(built, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    c = objects(built, tmp_path, keep_last=2)
+    for step in (1, 2):
+        fake_step(c)
+        c.save(step)
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)  # a partial file, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    fake_step(c)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write checkpoint-0000003 in .*: no space left") as err:
+        c.save(3)
+    assert re.search(r"needs about [\d.,]+ MiB, [\d.,]+ MiB free", str(err.value)) and "--resume latest" in str(
+        err.value
+    )
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the partial checkpoint is gone
+    # keep_last 2: the oldest was pruned before writing, so only keep_last copies ever need room
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000002"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)  # space again: the next save works
+    c.save(3)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000003"]
+    assert ckpt.resolve("latest", tmp_path).name == "checkpoint-0000003"
+
+
+def test_non_finite_weights_are_never_checkpointed(built, tmp_path):
+    c = objects(built, tmp_path)
+    c.save(1)
+    model = built["model"]
+    saved = model.adapter[0].weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.adapter[0].weight[0, 0] = float("nan")
+        with pytest.raises(ckpt.CheckpointError, match=r"not saving checkpoint-0000002: 1 parameter\(s\) hold NaN"):
+            c.save(2)
+    finally:
+        with torch.no_grad():
+            model.adapter[0].weight.copy_(saved)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000001"]
+    assert not list(tmp_path.glob(".checkpoint-*"))

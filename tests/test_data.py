@@ -12,6 +12,7 @@ from sea_model.data import (
     Collator,
     LlavaDataset,
     add_image_token,
+    check_data,
     prompt_ids,
 )
 from tests import tiny
@@ -157,13 +158,15 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(folder, caplog):
     entries = tiny.pretrain_entries(["img0.png", "bad0.png", "gone.png", "img1.png"])
     ds = dataset(folder, entries, tok, template="plain")
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=Collator(tok.pad_token_id))
-    with caplog.at_level(logging.WARNING, logger="sea_model.data"):
+    with caplog.at_level(logging.DEBUG, logger="sea_model.data"):
         batches = list(loader)
     assert [b["ids"] for b in batches] == [["pt0", "pt3"], ["pt3", "pt3"]]  # replaced by the next good entry
     assert ds.skipped == {"corrupt": 1, "missing": 1}
     assert [b["skipped"] for b in batches] == [2, 0]  # each bad entry found (and counted) once
+    assert batches[0]["skipped_examples"] == ["bad0.png (corrupt)", "gone.png (missing)"]
     assert all(b["pixel_values"].shape == (2, 3, 8, 8) for b in batches)
     assert "corrupt image bad0.png" in caplog.text and "missing image gone.png" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # the trainer reports them, aggregated
 
 
 def test_no_loadable_image_at_all_is_a_clear_error(folder):
@@ -211,6 +214,27 @@ def test_invalid_json_names_the_file(folder):
     path.write_text(json.dumps({"id": 1}))
     with pytest.raises(ValueError, match="broken.json: expected a JSON list"):
         LlavaDataset(path, folder, tiny.tiny_word_tokenizer(), fake_processor, num_image_tokens=P)
+
+
+def test_check_data_names_bad_files_and_folders_before_any_model(folder, caplog):
+    images, tmp_path = folder / "images", folder
+    entries = tiny.pretrain_entries(["img0.png", "img1.png", "gone.png", "bad0.png"])
+    path = tiny.write_json(tmp_path / "pt.json", entries)
+    assert check_data(path, images, "plain") == entries
+    assert "2 of 4 sampled images under" in caplog.text and "gone.png (missing)" in caplog.text
+    with pytest.raises(ValueError, match="data.image_folder .*nowhere: no such folder \\(4 entries of pt.json"):
+        check_data(path, tmp_path / "nowhere", "plain")
+    with pytest.raises(ValueError, match="none of 4 sampled images under .* can be read .*is data.image_folder right"):
+        check_data(path, tmp_path, "plain")
+    with pytest.raises(ValueError, match="entries have images: data.image_folder is required"):
+        check_data(path, None, "plain")
+    with pytest.raises(ValueError, match="missing.json: no such file"):
+        check_data(tmp_path / "missing.json", images, "plain")
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\xe9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8 text \\(byte 0xe9 at offset 12\\)"):
+        check_data(tmp_path / "latin1.json", images, "plain")
+    with pytest.raises(ValueError, match="pt.json: entry 0 .*plain"):
+        check_data(tiny.write_json(tmp_path / "pt.json", tiny.finetune_entries(["img0.png"])), images, "plain")
 
 
 def test_collator_pads_and_stacks(folder):
