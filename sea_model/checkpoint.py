@@ -67,6 +67,11 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a ``checkpoint-<step>`` folder's name."""
+    return int(_NAME.fullmatch(Path(path).name).group(1))
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.pt"
 

@@ -89,6 +89,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides += [(key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None]
     if args.fsdp:
         overrides.append(("train.fsdp", "true"))
+    if args.overwrite:
+        overrides.append(("train.overwrite", "true"))
     cfg = load_run_config(args.config, overrides).resolved()
     if args.print_config:
         import yaml
@@ -100,17 +102,28 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     _logging()
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        if result.checkpoint is None:
-            print(
-                f"stopped after step {result.step} of {result.total_steps} (train.stop_after); continue "
-                f"with --resume latest"
-            )
-        else:
-            print(f"done: {result.step} steps; checkpoint {result.checkpoint}")
-        print(f"metrics: {result.metrics}" + (f", plot {result.plot}" if result.plot else ""))
-        if result.mm_projector:
-            print(f"LLaVA adapter (--pretrain_mm_mlp_adapter): {result.mm_projector}")
+        _train_summary(result)
     return 0
+
+
+def _train_summary(result) -> None:
+    if result.preempted:
+        print(
+            f"stopped by {result.preempted} after step {result.step} of {result.total_steps}; checkpoint "
+            f"{result.last_checkpoint}; continue with --resume latest"
+        )
+    elif result.checkpoint is None:
+        print(
+            f"stopped after step {result.step} of {result.total_steps} (train.stop_after); "
+            f"continue with --resume latest"
+        )
+    else:
+        print(f"done: {result.step} steps; checkpoint {result.checkpoint}")
+    print(f"metrics: {result.metrics}" + (f", plot {result.plot}" if result.plot else ""))
+    if result.skipped_images:
+        print(f"skipped images: {result.skipped_images} could not be read and were replaced by other samples")
+    if result.mm_projector:
+        print(f"LLaVA adapter (--pretrain_mm_mlp_adapter): {result.mm_projector}")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -119,17 +132,26 @@ def _generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_for_inference
     from .model import answer
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1; got {args.max_new_tokens}")
+    image = _read_image(args.image) if args.image else None  # before the model: a bad path fails fast
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, info = load_for_inference(args.checkpoint, device=device)
     template = args.template or ("plain" if info["stage"] == 1 else info["run"]["data"].get("template") or "auto")
-    image = None
-    if args.image:
-        from PIL import Image
-
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
     print(answer(model, tokenizer, args.prompt, image, template=template, max_new_tokens=args.max_new_tokens))
     return 0
+
+
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"--image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--image {path}: not an image PIL can read ({type(err).__name__})") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -171,8 +193,8 @@ def _train_parser(sub) -> None:
         epilog=TRAIN_EPILOG.format(defaults=stage_defaults_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
-        usage="sea train --stage {1,2} [--config FILE] [--resume DIR|latest] [--init_from DIR] [--out DIR] [--fsdp] "
-        "[--print_config] [--section.key VALUE ...]",
+        usage="sea train --stage {1,2} [--config FILE] [--resume DIR|latest] [--init_from DIR] [--out DIR] "
+        "[--overwrite] [--fsdp] [--print_config] [--debug] [--section.key VALUE ...]",
     )
     p.add_argument("--stage", type=int, choices=[1, 2], default=None, help="= --train.stage")
     p.add_argument("--config", default=None, help="YAML file with sections model, data, train")
@@ -184,6 +206,11 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--out", default=None, help="= --train.out_dir")
     p.add_argument("--fsdp", action="store_true", help="shard stage 2 with FSDP2 when there are several processes")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="= --train.overwrite: start afresh in a folder with a run's checkpoints",
+    )
     p.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(func=_train, takes_overrides=True)
 

@@ -1,10 +1,12 @@
-"""Training metrics: ``metrics.jsonl`` (one JSON object per optimizer step), TensorBoard when
-installed, and the loss plot ``loss.png``."""
+"""Training metrics: ``metrics.jsonl`` (one strict JSON object per optimizer step: NaN or infinite
+values are written as ``null`` and named under ``"nonfinite"``), TensorBoard when installed, and
+the loss plot ``loss.png``."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +14,15 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+
+
+def strict(row: dict) -> dict:
+    """``row`` with NaN and infinite numbers as None, their keys listed under ``"nonfinite"``, so
+    that every line of ``metrics.jsonl`` is strict JSON."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return row
+    return {**{k: None if k in bad else v for k, v in row.items()}, "nonfinite": bad}
 
 
 class MetricsLog:
@@ -38,7 +49,7 @@ class MetricsLog:
                 log.info("tensorboard is not installed; metrics go to %s only", self.path)
 
     def write(self, m: dict) -> None:
-        self.file.write(json.dumps(m) + "\n")
+        self.file.write(json.dumps(strict(m), allow_nan=False) + "\n")
         self.file.flush()
         if self.writer is not None:
             for k, v in m.items():

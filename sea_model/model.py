@@ -355,7 +355,8 @@ def answer(
     """Ask ``question`` about a PIL ``image`` (or none) and return the greedy answer text.
 
     ``template`` as in :mod:`sea_model.data` (``"plain"`` for a stage-1 model: the image alone
-    is the prompt and the answer is a caption)."""
+    is the prompt and the answer is a caption). Prompt and answer must fit the model's positions
+    (``max_position_embeddings``): a larger ``max_new_tokens`` is a ``ValueError``."""
     device = model.llm.get_input_embeddings().weight.device
     ids = prompt_ids(
         question,
@@ -365,6 +366,12 @@ def answer(
         image_token_id=model.image_token_id,
         num_image_tokens=model.tower.num_patches,
     )
+    positions = getattr(model.llm.config, "max_position_embeddings", None) or float("inf")
+    if not 1 <= max_new_tokens <= positions - len(ids):
+        raise ValueError(
+            f"max_new_tokens must be in [1, {positions - len(ids)}]: the model has {positions} positions and the "
+            f"prompt takes {len(ids)}; got {max_new_tokens}"
+        )
     pixel_values = model.tower.image_processor()(image).unsqueeze(0).to(device) if image is not None else None
     new = model.generate(
         torch.tensor([ids], device=device),

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import run_dir
 from .config import (  # noqa: F401  (re-exported: the trainer's configuration)
     STAGE_DEFAULTS,
     DataConfig,
@@ -58,7 +59,8 @@ from .config import (  # noqa: F401  (re-exported: the trainer's configuration)
     load_run_config,
     parse_overrides,
 )
-from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics  # noqa: F401
+from .errors import UserError
+from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_metrics, strict  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,9 @@ def forward_backward_step(s: StepState, batch: dict, *, accum: int, last: bool):
 
 def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
     """One optimizer step over ``accum`` micro-batches from ``batches`` (moved to the model's
-    device here): forward/backward, clipping, ``optimizer.step()``, ``scheduler.step()``.
+    device here): forward/backward, clipping, ``optimizer.step()``, ``scheduler.step()``. When the
+    loss or the gradient norm is not finite the optimizer step is skipped (``"skipped": True``;
+    gradients dropped, the schedule advances).
 
     The loss sums stay on the device and are read once, after the last micro-batch. Returns
     floats: ``loss`` and ``loss_gen`` (means over micro-batches and ranks), ``loss_align`` (None
@@ -258,7 +262,9 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
     norm = grad_norm.detach().reshape(1).to(sums) if grad_norm is not None else sums.new_zeros(1)
     loss, loss_gen, tokens, skipped, align_sum, norm = torch.cat([sums, norm]).tolist()  # the one read of the step
     lr = s.optimizer.param_groups[0]["lr"]
-    s.optimizer.step()
+    finite = math.isfinite(loss) and math.isfinite(norm)  # the same on every rank (reduced values)
+    if finite:  # else skipped: weights and optimizer state stay as they are
+        s.optimizer.step()
     if s.scheduler is not None:
         s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -275,6 +281,7 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
         "tokens": tokens,
         "skipped_images": int(skipped),
         "skipped_examples": examples[:3],
+        "skipped": not finite,
     }
 
 
@@ -293,11 +300,13 @@ class Progress:
     step: int = 0
     samples_seen: int = 0
     elapsed_before: float = 0.0
+    skipped_images: int = 0  # images that could not be read, over all runs of this output
     started: float = field(default_factory=time.time)
 
-    def advance(self) -> None:
+    def advance(self, skipped_images: int = 0) -> None:
         self.step += 1
         self.samples_seen += self.global_batch_size
+        self.skipped_images += skipped_images
 
     @property
     def epoch(self) -> float:
@@ -315,10 +324,12 @@ class Progress:
             "elapsed": self.elapsed(),
             "world_size": self.world_size,
             "global_batch_size": self.global_batch_size,
+            "skipped_images": self.skipped_images,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen, self.elapsed_before = state["step"], state["samples_seen"], state["elapsed"]
+        self.skipped_images = state.get("skipped_images", 0)  # absent from checkpoints of older versions
         self.started = time.time()
 
 
@@ -343,6 +354,9 @@ class TrainResult:
     metrics: Path | None = None
     plot: Path | None = None
     mm_projector: Path | None = None
+    skipped_images: int = 0  # images that could not be read (replaced by others), over all runs
+    preempted: str | None = None  # the signal that stopped the run (a checkpoint was saved first)
+    last_checkpoint: Path | None = None  # the last checkpoint this run saved
 
 
 def _device(t: TrainConfig, dist: Dist) -> tuple[torch.device, bool]:
@@ -356,19 +370,28 @@ def _device(t: TrainConfig, dist: Dist) -> tuple[torch.device, bool]:
     return device, t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
 
 
-def _start(t: TrainConfig, dist: Dist) -> Start:
-    """The output directory made (refused when it holds checkpoints and this is no resume) and
-    where the run starts from, checked."""
+@contextlib.contextmanager
+def _output_folder(t: TrainConfig, dist: Dist):
+    """The output folder made, locked for the whole run (:mod:`sea_model.run_dir`; main rank),
+    claimed (another run's checkpoints refused unless ``overwrite``); yields where the run starts
+    from (:func:`_start`). The lock is released on the way out, whatever happens."""
+    out_dir, held = Path(t.out_dir), None
+    try:
+        if dist.main:
+            run_dir.make(out_dir)
+            held = run_dir.lock(out_dir)
+            run_dir.claim(out_dir, resume=t.resume is not None, overwrite=t.overwrite)
+        dist.barrier()
+        yield _start(t, out_dir, dist)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _start(t: TrainConfig, out_dir: Path, dist: Dist) -> Start:
+    """Where the run starts from, checked; resuming from an older checkpoint makes it a branch point."""
     from . import checkpoint as ckpt
 
-    out_dir = Path(t.out_dir)
-    if t.resume is None and ckpt.list_checkpoints(out_dir):
-        raise ckpt.CheckpointError(
-            f"{out_dir} already holds checkpoints: continue with --resume latest, or choose another --out"
-        )
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     resume = ckpt.resolve(t.resume, out_dir) if t.resume else None
     init_from = Path(t.init_from) if t.init_from and resume is None else None
     init_dir = ckpt.resolve(init_from) if init_from is not None and init_from.suffix != ".bin" else None
@@ -378,6 +401,9 @@ def _start(t: TrainConfig, dist: Dist) -> Start:
             raise ckpt.CheckpointError(
                 f"--resume {resume} is a stage-{info['stage']} checkpoint; this is stage {t.stage} (use --init_from)"
             )
+        if dist.main:
+            run_dir.branch_from(out_dir, resume, info["step"])
+        dist.barrier()
     return Start(resume, init_dir, init_from if init_dir is None else None)
 
 
@@ -413,7 +439,7 @@ def _model(cfg: RunConfig, start: Start, tokenizer, device, dist: Dist):
     return model, tokenizer
 
 
-def _dataset(cfg: RunConfig, model, tokenizer):
+def _dataset(cfg: RunConfig, model, tokenizer, entries: list):
     from .data import LlavaDataset
 
     d = cfg.data
@@ -425,6 +451,7 @@ def _dataset(cfg: RunConfig, model, tokenizer):
         num_image_tokens=model.tower.num_patches,
         template=d.template,
         max_length=d.max_length,
+        entries=entries,
     )
 
 
@@ -540,26 +567,120 @@ def _outputs(cfg: RunConfig, start_step: int, dist: Dist) -> MetricsLog | None:
 
 
 def _record(m: dict, progress: Progress, seconds: float, history: list, metrics: MetricsLog | None, bar) -> dict:
-    """The step's metrics row (written, shown, kept); returns it."""
+    """The step's metrics row (strict JSON: non-finite values as None; written, shown, kept);
+    returns it. Skipped images are reported in one aggregated line at 1, 10, 100, ... of them."""
     row = {"step": progress.step, "epoch": progress.epoch}
     row.update({k: m[k] for k in ("loss", "loss_gen", "loss_align", "pairs", "tau", "lr", "grad_norm")})
-    row.update(tokens_per_s=m["tokens"] / seconds, elapsed=progress.elapsed())
+    row.update(tokens_per_s=m["tokens"] / seconds, elapsed=progress.elapsed(), skipped_images=m["skipped_images"])
+    if m["skipped"]:
+        row["skipped"] = True
+    row = strict(row)
     history.append({**row, "pairs_local": m["pairs_local"]})
     if metrics is not None:
         metrics.write(row)
+        total, new = progress.skipped_images, m["skipped_images"]
+        if new and (total == new or len(str(total)) > len(str(total - new))):  # the first, then 10, 100, ...
+            log.warning(
+                "data: %d image(s) could not be read so far and were replaced by other samples (e.g. %s); "
+                "counted per step in %s as skipped_images",
+                total,
+                ", ".join(m["skipped_examples"]) or "on another rank",
+                METRICS_FILE,
+            )
     bar.update(1)
-    bar.set_postfix(
-        L_gen=f"{row['loss_gen']:.3f}",
-        L_align="-" if row["loss_align"] is None else f"{row['loss_align']:.3f}",
-        tau="-" if row["tau"] is None else f"{row['tau']:.3f}",
-        tok_s=f"{row['tokens_per_s']:.0f}",
-    )
+    bar.set_postfix({k: _short(row[key]) for k, key in _SHOWN.items()})
     return row
+
+
+_SHOWN = {"L_gen": "loss_gen", "L_align": "loss_align", "tau": "tau", "tok_s": "tokens_per_s"}
+
+
+def _short(v) -> str:
+    return "-" if v is None else f"{v:.0f}" if v >= 1000 else f"{v:.3f}"
+
+
+def _check_finite(row: dict, bad: int, t: TrainConfig, last: Path | None) -> int:
+    """Count skipped (non-finite) steps in a row: a warning for each, an error once there are more
+    than ``train.max_bad_steps``; returns the count."""
+    if not row.get("skipped"):
+        return 0
+    bad += 1
+    what = " and ".join(k for k in ("loss", "grad_norm") if k in row.get("nonfinite", ())) or "loss"
+    if bad > t.max_bad_steps:
+        raise UserError(
+            f"step {row['step']}: the {what} was not finite for {bad} step(s) in a row (train.max_bad_steps "
+            f"{t.max_bad_steps}); stopped without saving. Lower train.lr (now {t.lr:g}) or train.grad_clip (now "
+            f"{t.grad_clip:g}) and resume from a checkpoint before the divergence (--resume DIR; the last saved: "
+            f"{last or 'none by this run'})"
+        )
+    log.warning(
+        "step %d: the %s is not finite; step skipped (weights unchanged), %d of train.max_bad_steps %d in a row",
+        row["step"],
+        what,
+        bad,
+        t.max_bad_steps,
+    )
+    return bad
+
+
+def _save_due(progress: Progress, t: TrainConfig, stop: bool, bad: int, pending: bool) -> tuple[bool, bool]:
+    """``(save now, save pending)``: every ``save_every`` steps, at the end and when preempted; while
+    steps are being skipped (non-finite) a periodic save waits for the next good step, so a streak
+    of bad steps never pushes good checkpoints out of ``keep_last``."""
+    end = stop or progress.step == progress.total_steps
+    due = end or pending or bool(t.save_every and progress.step % t.save_every == 0)
+    if due and bad and not end:
+        log.warning("step %d: checkpoint postponed until a step is finite again", progress.step)
+        return False, True
+    return due, False
+
+
+class Preemption:
+    """SIGTERM / SIGINT while training ask the loop to save a checkpoint at the end of the current
+    step and stop (:meth:`requested`; agreed over ranks); a second SIGINT interrupts at once."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.signal == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal = name
+        log.warning("%s: saving a checkpoint at the end of this step, then stopping", name)
+
+    def __enter__(self) -> Preemption:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def requested(self, dist: Dist, device) -> bool:
+        if dist.world == 1:
+            return self.signal is not None
+        flag = torch.tensor([float(self.signal is not None)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _finish(result: TrainResult, t: TrainConfig, saved: Path | None, metrics: MetricsLog | None, dist: Dist):
     """The end: metrics closed; when the run is complete, the loss plot and (stage 1) the LLaVA
-    adapter export ``<out_dir>/mm_projector.bin``."""
+    adapter export ``<out_dir>/mm_projector.bin`` (also when a resume finds the run complete:
+    a run killed after its last checkpoint finishes its export)."""
     from . import checkpoint as ckpt
 
     finished = result.step == result.total_steps
@@ -580,6 +701,19 @@ def _finish(result: TrainResult, t: TrainConfig, saved: Path | None, metrics: Me
     return result
 
 
+def _resume(checkpointer, start: Start, progress: Progress, dist: Dist) -> None:
+    from . import checkpoint as ckpt
+
+    checkpointer.load(start.resume)
+    if progress.step > progress.total_steps:
+        raise ckpt.CheckpointError(
+            f"{start.resume}: at step {progress.step}, past this run's {progress.total_steps} steps (train.max_steps)"
+        )
+    if dist.main:
+        done = progress.step == progress.total_steps
+        log.info("resumed from %s at step %d%s", start.resume, progress.step, "; complete: exporting" * done)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -590,7 +724,7 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
     interrupts the run)."""
     from tqdm.auto import tqdm
 
-    from . import checkpoint as ckpt
+    from .data import check_data
 
     cfg = cfg.resolved()
     t = cfg.train
@@ -598,36 +732,39 @@ def train(cfg: RunConfig, *, tokenizer=None, callback: Callable[[int, dict, Any]
         raise ValueError("data.json_path is required (a LLaVA JSON file)")
     dist = setup_distributed()
     device, bf16 = _device(t, dist)
-    start = _start(t, dist)
-    model, tokenizer = _model(cfg, start, tokenizer, device, dist)
-    dataset = _dataset(cfg, model, tokenizer)
-    accum, total_steps = _accumulation(t, dist), _total_steps(t, len(dataset))
-    engine, model = _parallelize(model, t, dist, device)
-    state = _step_state(model, engine, t, total_steps, dist, device, bf16)
-    progress = Progress(total_steps, t.global_batch_size, len(dataset), dist.world)
-    checkpointer = _checkpointer(cfg, state, progress, tokenizer)
-    if start.resume is not None:
-        checkpointer.load(start.resume)
-        if dist.main:
-            log.info("resumed from %s at step %d", start.resume, progress.step)
-    if progress.step >= total_steps:
-        raise ckpt.CheckpointError(f"{start.resume}: already at step {progress.step} of {total_steps}; nothing to do")
-    batches = _batches(cfg, dataset, tokenizer, dist, device, progress.samples_seen)
-    metrics, history = _outputs(cfg, progress.step, dist), []
-    show = t.progress and dist.main
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"stage {t.stage}", unit="step", disable=not show)
-    progress.started = time.time()
-    while progress.step < total_steps:
-        t0 = time.time()
-        m = train_step(state, batches, accum)
-        progress.advance()
-        row = _record(m, progress, time.time() - t0, history, metrics, bar)
-        if callback is not None:
-            callback(progress.step, row, model)
-        if progress.step == total_steps or (t.save_every and progress.step % t.save_every == 0):
-            checkpointer.save(progress.step)
-        if t.stop_after is not None and t.stop_after <= progress.step < total_steps:
-            break
-    bar.close()
-    result = TrainResult(Path(t.out_dir), progress.step, total_steps, None, history, model, tokenizer)
-    return _finish(result, t, checkpointer.last, metrics, dist)
+    with _output_folder(t, dist) as start:
+        entries = check_data(cfg.data.json_path, cfg.data.image_folder, cfg.data.template)  # before the model
+        model, tokenizer = _model(cfg, start, tokenizer, device, dist)
+        dataset = _dataset(cfg, model, tokenizer, entries)
+        accum, total_steps = _accumulation(t, dist), _total_steps(t, len(dataset))
+        engine, model = _parallelize(model, t, dist, device)
+        state = _step_state(model, engine, t, total_steps, dist, device, bf16)
+        progress = Progress(total_steps, t.global_batch_size, len(dataset), dist.world)
+        checkpointer = _checkpointer(cfg, state, progress, tokenizer)
+        if start.resume is not None:
+            _resume(checkpointer, start, progress, dist)
+        batches = _batches(cfg, dataset, tokenizer, dist, device, progress.samples_seen)
+        metrics, history, bad, pending = _outputs(cfg, progress.step, dist), [], 0, False
+        show = t.progress and dist.main
+        bar = tqdm(total=total_steps, initial=progress.step, desc=f"stage {t.stage}", unit="step", disable=not show)
+        progress.started = time.time()
+        with Preemption() as preemption:
+            while progress.step < total_steps:
+                t0 = time.time()
+                m = train_step(state, batches, accum)
+                progress.advance(m["skipped_images"])
+                row = _record(m, progress, time.time() - t0, history, metrics, bar)
+                bad = _check_finite(row, bad, t, checkpointer.last)
+                if callback is not None:
+                    callback(progress.step, row, model)
+                stop = preemption.requested(dist, device)
+                save, pending = _save_due(progress, t, stop, bad, pending)
+                if save:
+                    checkpointer.save(progress.step)
+                if stop or (t.stop_after is not None and t.stop_after <= progress.step < total_steps):
+                    break
+        bar.close()
+        result = TrainResult(Path(t.out_dir), progress.step, total_steps, None, history, model, tokenizer)
+        result.skipped_images, result.preempted = progress.skipped_images, preemption.signal
+        result.last_checkpoint = checkpointer.last
+        return _finish(result, t, checkpointer.last or start.resume, metrics, dist)

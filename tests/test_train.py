@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
 from sea_model import checkpoint as ckpt  # noqa: E402
+from sea_model.errors import UserError  # noqa: E402
 from sea_model.model import build_adapter, build_model  # noqa: E402
 from sea_model.train import (  # noqa: E402
     DataConfig,
@@ -269,7 +271,7 @@ def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
         ckpt.CheckpointError, match=r"empty: not a sea checkpoint \(no config\.json\) and no checkpoint-\* directories"
     ):
         ckpt.resolve(tmp_path / "empty")
-    with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="holds another run's checkpoints .*--resume latest.*--overwrite"):
         train(config(setup, stage1.out_dir))
 
 
@@ -348,3 +350,216 @@ def test_two_ranks_share_sea_negatives_and_weights(setup, tmp_path):
     assert final.name == "checkpoint-0000003" and {"rng_state_0.pt", "rng_state_1.pt"} <= {
         p.name for p in final.iterdir()
     }
+
+
+# --------------------------------------------------------------------------- runs that survive (issue 14)
+
+
+def strict_rows(path):
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def poison(monkeypatch, bad: dict):
+    """Make optimizer step ``k`` (1-based) non-finite for each ``k: "grad" | "loss"`` of ``bad``:
+    NaN gradients, or an infinite loss."""
+    from sea_model import train as trainer
+
+    real, calls = trainer.forward_backward_step, []
+
+    def forward_backward(s, batch, *, accum, last):
+        out = real(s, batch, accum=accum, last=last)
+        calls.append(1)
+        what = bad.get(len(calls) // accum) if last else None
+        if what == "grad":
+            for p in s.params:
+                p.grad.fill_(float("nan"))
+        elif what == "loss":
+            out.loss = out.loss * float("inf")
+        return out
+
+    monkeypatch.setattr(trainer, "forward_backward_step", forward_backward)
+
+
+def test_non_finite_steps_are_skipped_and_logged_as_strict_json(setup, stage1, tmp_path, monkeypatch, caplog):
+    poison(monkeypatch, {3: "grad", 4: "loss"})
+    weights = {}
+    result = train(
+        config(setup, tmp_path),
+        tokenizer=setup["tok"],
+        callback=lambda step, m, model: weights.__setitem__(step, model.adapter[0].weight.detach().clone()),
+    )
+    assert result.step == 6 and result.checkpoint is not None
+    rows = strict_rows(tmp_path / "metrics.jsonl")
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, True, False, False]
+    assert rows[2]["grad_norm"] is None and rows[2]["nonfinite"] == ["grad_norm"]
+    assert rows[3]["loss"] is None and rows[3]["nonfinite"] == ["loss"]
+    assert torch.equal(weights[2], weights[3]) and torch.equal(weights[3], weights[4])  # nothing applied
+    assert not torch.equal(weights[4], weights[5])  # and training goes on
+    assert "step 3: the grad_norm is not finite; step skipped" in caplog.text
+    assert "step 4: the loss is not finite; step skipped" in caplog.text
+    # the save at step 4 (save_every 2) waited for step 5, the first finite step after the streak
+    assert "step 4: checkpoint postponed" in caplog.text
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000005", "checkpoint-0000006"]
+    assert [r["loss"] for r in rows[:2]] == [h["loss"] for h in stage1.history[:2]]
+
+
+def test_a_diverging_run_stops_with_the_step_and_a_hint(setup, tmp_path, monkeypatch, capsys):
+    poison(monkeypatch, dict.fromkeys(range(3, 7), "grad"))
+    cfg = config(setup, tmp_path, max_bad_steps=1)
+    with pytest.raises(
+        UserError, match=r"step 4: the grad_norm was not finite for 2 step\(s\) in a row .*Lower train.lr"
+    ):
+        train(cfg, tokenizer=setup["tok"])
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-0000002"]  # step 4 never saved
+    rows = strict_rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["skipped"]
+
+
+def test_the_temperature_has_a_lower_clamp():
+    from sea_kernels import SEAAlignmentLoss
+
+    loss = SEAAlignmentLoss(min_scale=0.01, max_scale=100.0)
+    with torch.no_grad():
+        loss.log_scale.fill_(float("-inf"))
+    assert loss.scale().item() == pytest.approx(0.01)
+    with torch.no_grad():
+        loss.log_scale.fill_(float("inf"))
+    assert loss.scale().item() == 100.0
+    with pytest.raises(ValueError, match="min_scale must be in"):
+        SEAAlignmentLoss(min_scale=0.0)
+
+
+def test_the_data_is_checked_before_the_model_is_built(setup, tmp_path, monkeypatch):
+    import sea_model.model
+
+    def never(*a, **k):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(sea_model.model, "build_model", never)
+    cfg = config(setup, tmp_path / "a")
+    cfg.data.image_folder = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="nowhere: no such folder"):
+        train(cfg, tokenizer=setup["tok"])
+    cfg = config(setup, tmp_path / "b")
+    (tmp_path / "bad.json").write_bytes(b'[{"id": "\xff"}]')
+    cfg.data.json_path = str(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"bad.json: not UTF-8 text"):
+        train(cfg, tokenizer=setup["tok"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="file: exists and is not a folder"):
+        train(config(setup, tmp_path / "file"), tokenizer=setup["tok"])
+
+
+def test_one_run_per_folder(setup, stage1, tmp_path):
+    from sea_model import run_dir
+
+    held = run_dir.lock(tmp_path)  # another sea train (a separate open: flock conflicts)
+    try:
+        with pytest.raises(ValueError, match=rf"in use by another sea train \(pid {os.getpid()} on"):
+            train(config(setup, tmp_path), tokenizer=setup["tok"])
+    finally:
+        held.close()
+    shutil.copytree(stage1.out_dir, tmp_path / "other", ignore=shutil.ignore_patterns(".lock"))
+    with pytest.raises(ValueError, match="holds another run's checkpoints"):
+        train(config(setup, tmp_path / "other"), tokenizer=setup["tok"])
+    fresh = train(config(setup, tmp_path / "other", max_steps=2, overwrite=True), tokenizer=setup["tok"])
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "other")] == ["checkpoint-0000002"]
+    assert [r["step"] for r in strict_rows(tmp_path / "other" / "metrics.jsonl")] == [1, 2]
+    assert (
+        fresh.checkpoint.name == "checkpoint-0000002" and fresh.mm_projector == tmp_path / "other" / "mm_projector.bin"
+    )
+
+
+def test_a_rollback_becomes_the_branch_that_latest_continues(setup, stage1, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stage1.out_dir, out)  # checkpoints 4 and 6 (keep_last 2), metrics 1-6
+    branch = train(config(setup, out, resume=str(out / "checkpoint-0000004"), stop_after=5))
+    assert [h["step"] for h in branch.history] == [5] and branch.checkpoint is None
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-0000004"]
+    aside = next(out.glob("abandoned-*-after-4"))
+    assert [p.name for p in ckpt.list_checkpoints(aside)] == ["checkpoint-0000006"]
+    assert [r["step"] for r in strict_rows(aside / "metrics.jsonl")] == [5, 6]
+    assert [r["step"] for r in strict_rows(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    done = train(config(setup, out, resume="latest"))  # continues the branch: from 4, not the abandoned 6
+    assert [h["step"] for h in done.history] == [5, 6]
+    rows = strict_rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == [h["loss"] for h in stage1.history]  # the same run, exactly
+
+
+def test_preemption_saves_at_the_end_of_the_step_and_resume_finishes(setup, stage1, tmp_path):
+    import signal
+
+    def preempt(step, metrics, model):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = train(config(setup, tmp_path), tokenizer=setup["tok"], callback=preempt)
+    assert (stopped.step, stopped.preempted, stopped.checkpoint) == (3, "SIGTERM", None)
+    assert stopped.last_checkpoint.name == "checkpoint-0000003"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = train(config(setup, tmp_path, resume="latest"))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in stage1.history[3:]]
+    # killed after the last checkpoint, before the export: a resume finishes it
+    (tmp_path / "mm_projector.bin").unlink()
+    (tmp_path / "loss.png").unlink()
+    again = train(config(setup, tmp_path, resume="latest"))
+    assert again.history == [] and again.checkpoint.name == "checkpoint-0000006"
+    assert (tmp_path / "mm_projector.bin").is_file() and (tmp_path / "loss.png").is_file()
+
+
+def test_a_failed_checkpoint_write_leaves_a_resumable_folder(setup, stage1, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fill_up(tensors, filename, metadata=None):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint of step 4
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_up)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write checkpoint-0000004 in .*no space left"):
+        train(config(setup, tmp_path), tokenizer=setup["tok"])
+    assert not list(tmp_path.glob(".checkpoint-*")) and ckpt.resolve("latest", tmp_path).name == "checkpoint-0000002"
+    resumed = train(config(setup, tmp_path, resume="latest"))  # once there is space again
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in stage1.history[2:]]
+
+
+def test_skipped_images_are_counted_in_metrics_and_summary(setup, tmp_path, capsys):
+    from sea_model import cli
+
+    entries = tiny.pretrain_entries(["img0.png", "gone1.png", "img1.png", "gone2.png"])
+    tiny.write_json(tmp_path / "pt.json", entries)
+    cfg = config(setup, tmp_path / "run", max_steps=2, save_every=0)
+    cfg.data.json_path = str(tmp_path / "pt.json")
+    result = train(cfg, tokenizer=setup["tok"])
+    rows = strict_rows(tmp_path / "run" / "metrics.jsonl")
+    assert sum(r["skipped_images"] for r in rows) == result.skipped_images == 2
+    cli._train_summary(result)
+    assert "skipped images: 2 could not be read" in capsys.readouterr().out
+
+
+def test_generate_user_errors_are_one_line(stage1, tmp_path, capsys):
+    from sea_model import cli
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not a png")
+    base = ["generate", "--checkpoint", str(stage1.out_dir), "--prompt", "hi"]
+    cases = [
+        (["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"], "no such checkpoint"),
+        (base + ["--image", str(image)], "not an image PIL can read"),
+        (base + ["--image", str(tmp_path / "missing.png")], "missing.png: no such file"),
+        (base + ["--max_new_tokens", "-5"], "--max_new_tokens must be >= 1; got -5"),
+        (base + ["--max_new_tokens", "100000"], "max_new_tokens must be in [1, "),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("sea generate: error: ") and message in err and err.count("\n") == 1, err
