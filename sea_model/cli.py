@@ -285,6 +285,11 @@ def run_command(args: argparse.Namespace, call) -> int:
             raise
         print(f"sea {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training at the end of its step)
+        if getattr(args, "debug", False):
+            raise
+        print(f"sea {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -551,8 +551,19 @@ def _batches(cfg: RunConfig, dataset, tokenizer, dist: Dist, device, start_sampl
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(t.seed),  # worker seeds: not drawn from the global RNG
+        worker_init_fn=_ignore_stop_signals,
     )
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM (a Ctrl-C or a scheduler signals the whole
+    process group): the main process saves at the end of its step and stops them; they end on
+    their own when it is gone."""
+    import signal
+
+    for name in Preemption.SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _outputs(cfg: RunConfig, start_step: int, dist: Dist) -> MetricsLog | None:

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -490,14 +491,32 @@ def test_a_rollback_becomes_the_branch_that_latest_continues(setup, stage1, tmp_
     assert [r["loss"] for r in rows] == [h["loss"] for h in stage1.history]  # the same run, exactly
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the DataLoader workers in /proc")
 def test_preemption_saves_at_the_end_of_the_step_and_resume_finishes(setup, stage1, tmp_path):
     import signal
 
-    def preempt(step, metrics, model):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def children() -> list[int]:  # this process's DataLoader workers
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        return [pid for pid in pids if _parent(pid) == os.getpid()]
 
-    stopped = train(config(setup, tmp_path), tokenizer=setup["tok"], callback=preempt)
+    def preempt(step, metrics, model):  # as a scheduler does: the whole process group, workers included
+        if step == 1:  # the workers first: they must not die and leave the main process without data
+            for pid in children():
+                os.kill(pid, signal.SIGTERM)
+        if step == 3:
+            for pid in [os.getpid(), *children()]:
+                os.kill(pid, signal.SIGTERM)
+
+    cfg = config(setup, tmp_path)
+    cfg.data.num_workers = 1
+    stopped = train(cfg, tokenizer=setup["tok"], callback=preempt)
     assert (stopped.step, stopped.preempted, stopped.checkpoint) == (3, "SIGTERM", None)
     assert stopped.last_checkpoint.name == "checkpoint-0000003"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
