@@ -559,7 +559,7 @@ class Checkpointer:
             shutil.rmtree(old)
         os.replace(tmp, final)
         _fsync_dir(self.out_dir)
-        for stale in list_checkpoints(self.out_dir)[: -self.keep_last]:
+        for stale in list_checkpoints(self.out_dir)[: -max(1, self.keep_last)]:
             shutil.rmtree(stale)
 
     def load(self, ckpt: str | os.PathLike) -> dict:

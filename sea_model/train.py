@@ -21,6 +21,14 @@ L_align, tau and tokens/s), checkpoints every ``save_every`` steps and at the en
 ``keep_last`` kept), the LLaVA ``mm_projector.bin`` export after stage 1 and a loss plot. The
 Stage-1 benchmark (:mod:`sea_model.bench.stage1`) times the same :func:`train_step`.
 
+What can go wrong is handled where it happens: the configuration is checked when it is read
+(:mod:`sea_model.config`), the data file and a sample of images before the model is built
+(:func:`sea_model.data.check_data`); the output folder is locked and claimed, and a resume from
+an older checkpoint becomes a branch point (:mod:`sea_model.run_dir`); a step whose loss or
+gradient norm is not finite is skipped, up to ``train.max_bad_steps`` in a row, then the run
+stops with an error; SIGTERM / SIGINT save at the end of the current step and stop
+(:class:`Preemption`); checkpoint writes are checked (:class:`~sea_model.checkpoint.Checkpointer`).
+
 Distributed: under ``torchrun`` (or with a process group already initialised, as the tests do
 with ``torch.multiprocessing.spawn``), SEA's contrastive loss gathers its pairs from every rank
 (the default process group is passed to the model's forward), so ``L_align`` and ``pairs`` are
