@@ -127,15 +127,14 @@ def _train_summary(result) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import load_for_inference
     from .model import answer
+    from .train import resolve_device
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1; got {args.max_new_tokens}")
     image = _read_image(args.image) if args.image else None  # before the model: a bad path fails fast
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, "--device")
     model, tokenizer, info = load_for_inference(args.checkpoint, device=device)
     template = args.template or ("plain" if info["stage"] == 1 else info["run"]["data"].get("template") or "auto")
     print(answer(model, tokenizer, args.prompt, image, template=template, max_new_tokens=args.max_new_tokens))

@@ -200,12 +200,14 @@ def run(
     is as fast as several on an idle machine and much faster on a busy one."""
     import torch
 
+    from .train import resolve_device
+
     start = time.time()
+    device = str(resolve_device(device, "--device"))  # before anything is written
     sizes = RUN_SIZES["quick" if quick else "default"]
     out = Path(out)
     for sub in ("data", "stage1", "stage2"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if threads is not None:
         torch.set_num_threads(threads)
 

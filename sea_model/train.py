@@ -366,12 +366,23 @@ class TrainResult:
     last_checkpoint: Path | None = None  # the last checkpoint this run saved
 
 
+def resolve_device(name: str | None, where: str, local_rank: int = 0) -> torch.device:
+    """``name`` as a device (default: ``cuda:<local_rank>`` when CUDA is available, else the CPU);
+    an unknown or unavailable one is a ``ValueError`` naming the option ``where``."""
+    if not name:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{where} {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where} {name!r}: CUDA is not available here (use cpu)")
+    return device
+
+
 def _device(t: TrainConfig, dist: Dist) -> tuple[torch.device, bool]:
     """The device and whether the forward runs under bf16 autocast."""
-    if t.device:
-        device = torch.device(t.device)
-    else:
-        device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(t.device, "train.device", dist.local_rank)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     return device, t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")

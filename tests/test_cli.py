@@ -92,3 +92,22 @@ def test_bad_config_files_are_named(tmp_path, capsys, content, message):
     assert cli.main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_devices_are_checked_before_anything_is_written(tmp_path, capsys):
+    import torch
+
+    cases = [(["train", "--data.json_path", "x.json", "--train.device", "gpu", "--out", str(tmp_path / "t")], "gpu")]
+    if not torch.cuda.is_available():
+        cases += [
+            (["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")], "CUDA is not available"),
+            (["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", "cuda:1"], "CUDA is not"),
+        ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"sea {argv[0]}: error: --device" if argv[0] != "train" else "sea train: error: train.device"
+        )
+        assert message in err
+    assert not list(tmp_path.iterdir())
