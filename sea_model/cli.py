@@ -7,6 +7,11 @@
 * ``sea selfcheck``: run every op with every available backend.
 * ``sea bench [--ops topk,labels,loss,stage1] [--sizes quick|full] [--device cpu|cuda] [--out DIR]``:
   benchmarks against the reference (see :mod:`sea_model.bench`).
+
+Every subcommand runs through :func:`run_command`: a user error (a bad option, configuration,
+file or folder) is one line ``sea <cmd>: error: ...`` and exit status 2; ``--debug`` (on every
+subcommand) shows the traceback instead. A subcommand is a ``_<name>_parser(sub)`` function
+listed in :data:`SUBCOMMANDS` and a ``_<name>(args)`` function that raises on errors.
 """
 
 from __future__ import annotations
