@@ -38,6 +38,9 @@ STAGE_DEFAULTS = {
 }
 
 
+TEMPLATES = ("plain", "chat", "vicuna_v1", "auto")  # conversation templates (sea_model.data)
+
+
 def stage_defaults_text() -> str:
     """:data:`STAGE_DEFAULTS` in words (the CLI's help)."""
     return "\n  ".join(
@@ -157,9 +160,9 @@ class RunConfig:
                 setattr(t, key, defaults[key])
         if cfg.data.template is None:
             cfg.data.template = defaults["template"]
-        check_train(t)
-        check_data(cfg.data)
-        check_sea(cfg.model.sea)
+        _check_train(t)
+        _check_data(cfg.data)
+        _check_sea(cfg.model.sea)
         return cfg
 
 
@@ -176,7 +179,7 @@ def _non_negative(x) -> bool:
     return math.isfinite(x) and x >= 0
 
 
-def check_train(t: TrainConfig) -> None:
+def _check_train(t: TrainConfig) -> None:
     """Ranges (NaN refused), the batch sizes' divisibility, the stage's options; one clear error."""
     _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'", t.precision)
     if t.vision_lr is not None and t.stage != 2:
@@ -207,12 +210,13 @@ def check_train(t: TrainConfig) -> None:
         raise ValueError("train.overwrite and train.resume exclude each other: resume continues the run in out_dir")
 
 
-def check_data(d: DataConfig) -> None:
+def _check_data(d: DataConfig) -> None:
+    _require(d.template in TEMPLATES, "data.template", f"one of {', '.join(TEMPLATES)}", d.template)
     _require(d.max_length >= 2, "data.max_length", ">= 2", d.max_length)
     _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
 
 
-def check_sea(sea) -> None:
+def _check_sea(sea) -> None:
     """SEA's options: the loss weight, label counts and the temperature's clamps."""
     _require(_non_negative(sea.weight), "model.sea.weight", "a finite number >= 0", sea.weight)
     _require(sea.top_n >= 1, "model.sea.top_n", ">= 1", sea.top_n)

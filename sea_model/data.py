@@ -51,11 +51,12 @@ from pathlib import Path
 
 import torch
 
+from .config import TEMPLATES
+
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
-TEMPLATES = ("plain", "chat", "vicuna_v1", "auto")
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

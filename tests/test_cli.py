@@ -64,6 +64,7 @@ def test_print_config_resolves_shortcuts_files_and_overrides(tmp_path, capsys):
         (["train", "--train.betas", "[0.9, 1.5]"], "train.betas must be two numbers in [0, 1)"),
         (["train", "--model.sea.min_scale", "0"], "model.sea.min_scale must be a finite number in (0"),
         (["train", "--data.num_workers", "-2"], "data.num_workers must be >= 0"),
+        (["train", "--data.template", "chatml"], "data.template must be one of plain, chat, vicuna_v1, auto"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
