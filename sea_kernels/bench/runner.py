@@ -146,9 +146,9 @@ class _Case:
         self.calls = case_set.calls(op, params, device)  # ... plus any auxiliary calls
         self.built, self.errors, self.samples, self.peaks, self.mm_tflops = {}, {}, {}, {}, None
 
-    def _error(self, name, err, what=""):
+    def _error(self, name, err):
         self.errors[name] = _short(err)
-        self.say(f"  {self.op} {self.size} {name}{what}: {self.errors[name]}")
+        self.say(f"  {self.op} {self.size} {name}: {self.errors[name]}")
         if _is_oom(err):
             torch.cuda.empty_cache()
 
@@ -344,7 +344,8 @@ def run(
     case_sets = case_sets or {op: cases.OP_CASES for op in cases.OPS}
     ops = list(ops or case_sets)
     mode = sizes if isinstance(sizes, str) else "custom"
-    units = _units(ops, sizes, case_sets, dev := _device(device))
+    dev = _device(device)
+    units = _units(ops, sizes, case_sets, dev)
     if threads:
         torch.set_num_threads(threads)
     settings = _settings(dev, mode, min_runs=min_runs, max_runs=max_runs, budget_s=budget_s)
