@@ -176,6 +176,11 @@ class SEAModel(nn.Module):
         word_token_ids: torch.Tensor | None = None,
     ):
         super().__init__()
+        if not getattr(tower, "tokens_are_patches", True):
+            raise ValueError(
+                "SEAModel: the tower's adapter input must be one row per patch: vision select_strategy "
+                "'default' for CLIP towers (drops CLS), 'full' for SigLIP towers (no CLS to drop)"
+            )
         self.tower, self.llm = tower, llm
         self.image_token_id = int(image_token_id)
         llm_dim = llm.get_input_embeddings().weight.shape[1]
@@ -195,6 +200,11 @@ class SEAModel(nn.Module):
 
     def set_vocabulary(self, vocab_features: torch.Tensor, word_token_ids: torch.Tensor) -> None:
         """Install the vocabulary buffers (checked against the tower and the LM)."""
+        if self.tower.feature_dim is None:
+            raise ValueError(
+                "SEA needs joint-space patch features, and this tower has none (a CLIPVisionModel without "
+                "visual_projection): load the CLIPModel of the same checkpoint as the tower"
+            )
         if vocab_features.ndim != 2 or vocab_features.shape[1] != self.tower.feature_dim:
             raise ValueError(
                 f"vocab_features must be (q, {self.tower.feature_dim}) (the tower's joint-space dim); "

@@ -86,3 +86,74 @@ def text_words(texts) -> list[str]:
 
     pre = pre_tokenizers.Whitespace()
     return sorted({w for text in texts for w, _ in pre.pre_tokenize_str(text)})
+
+
+# --------------------------------------------------------------------------- Hugging Face models
+
+
+def tiny_hf_clip(family: str = "clip", *, text_vocab_size: int = 512, image_size: int = 32, patch_size: int = 8):
+    """A tiny random Hugging Face ``CLIPModel`` (``family="clip"``) or ``SiglipModel`` (``"siglip"``):
+    ViT of width 32, 3 blocks, a ``(image_size / patch_size)^2`` grid; text tower of width 32 over
+    ``text_vocab_size`` ids (large enough for :func:`tiny_tokenizer`), eos = pad + 2 as there."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    text = dict(
+        vocab_size=text_vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    if family == "clip":
+        return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    if family == "siglip":
+        return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    raise ValueError(f"family must be 'clip' or 'siglip'; got {family!r}")
+
+
+def tiny_hf_llava(
+    clip, tokenizer, *, vision_feature_layer=-2, vision_feature_select_strategy: str = "default", hidden: int = 48
+):
+    """A tiny random ``LlavaForConditionalGeneration`` whose vision tower carries the weights of
+    ``clip``'s vision part (a :func:`tiny_hf_clip` model), a 2-layer Llama over ``tokenizer``'s ids,
+    and ``<image>`` as its image token."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .vision import hf_vision_part
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=clip.config.vision_config,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+    )
+    llava = LlavaForConditionalGeneration(config)
+    hf_vision_part(llava.model.vision_tower).load_state_dict(clip.vision_model.state_dict())
+    return llava

@@ -16,6 +16,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
 from sea_model import checkpoint as ckpt  # noqa: E402
+from sea_model import tiny as shipped  # noqa: E402
 from sea_model.errors import UserError  # noqa: E402
 from sea_model.model import build_adapter, build_model  # noqa: E402
 from sea_model.train import (  # noqa: E402
@@ -582,3 +583,24 @@ def test_generate_user_errors_are_one_line(stage1, tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("sea generate: error: ") and message in err and err.count("\n") == 1, err
+
+
+# --------------------------------------------------------------------------- Hugging Face tower
+
+
+def test_stage1_with_hf_clip_tower_by_local_path(setup, tmp_path):
+    """``vision.name`` a local Hugging Face CLIP folder (as LLaVA-1.5's ``--vision_tower``): SEA trains."""
+    from sea_model.vision import VisionConfig
+
+    torch.manual_seed(0)
+    clip_dir = tmp_path / "clip-vit-tiny"
+    shipped.tiny_hf_clip("clip").save_pretrained(clip_dir)
+    tiny.tiny_tokenizer().save_pretrained(clip_dir)
+    cfg = config(setup, tmp_path / "out", max_steps=2, save_every=2)
+    cfg.model.vision = VisionConfig(name=str(clip_dir))
+    result = train(cfg, tokenizer=setup["tok"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["pairs"] > 0 and r["loss_align"] > 0 for r in rows)
+    assert result.model.tower.kind == "hf" and result.model.tower.feature_dim == 16
+    saved = json.loads((result.checkpoint / "config.json").read_text())
+    assert saved["model"]["vision"]["name"] == str(clip_dir)

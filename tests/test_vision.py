@@ -5,7 +5,8 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from sea_model.vision import VisionConfig, VisionTower, expand2square, load_clip  # noqa: E402
+from sea_model import tiny as shipped  # noqa: E402
+from sea_model.vision import HFJointHead, VisionConfig, VisionTower, expand2square, load_clip  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -151,3 +152,90 @@ def test_expand2square_centres_the_image():
     assert (
         im.getpixel((0, 0)) == (1, 2, 3) and im.getpixel((20, 20)) == (255, 0, 0) and im.getpixel((20, 35)) == (1, 2, 3)
     )
+
+
+# --------------------------------------------------------------------------- Hugging Face towers
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def hf_pair(request):
+    """A tiny random HF CLIP/SigLIP model and a tiny Llava whose vision tower has its weights."""
+    torch.manual_seed(0)
+    clip = shipped.tiny_hf_clip(request.param)
+    return request.param, clip, tiny.tiny_tokenizer()
+
+
+def _llava(clip, tok, layer, strategy):
+    torch.manual_seed(1)
+    return shipped.tiny_hf_llava(clip, tok, vision_feature_layer=layer, vision_feature_select_strategy=strategy).eval()
+
+
+@pytest.mark.parametrize("layer", [-2, -1, 1, [-3, -1]])  # (layer 0 trips Llava itself)
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_hf_hidden_matches_llava_get_image_features(hf_pair, images, layer, strategy):
+    family, clip, tok = hf_pair
+    llava = _llava(clip, tok, layer, strategy)
+    tower = VisionTower.from_hf(llava.model.vision_tower, select_layer=layer, select_strategy=strategy)
+    with torch.no_grad():
+        out = tower(images, joint_space=False)
+        expected = torch.stack(list(llava.get_image_features(pixel_values=images).pooler_output))
+        got = llava.model.multi_modal_projector(out.hidden)
+    torch.testing.assert_close(got, expected)
+    prefix = 1 if family == "clip" else 0
+    dropped = 1 if strategy == "default" else 0
+    assert out.hidden.shape[1] == tower.num_tokens == 16 + prefix - dropped
+    assert tower.tokens_are_patches == (prefix == dropped)
+    assert tower.hidden_size == 32 * (len(layer) if isinstance(layer, list) else 1)
+
+
+def test_hf_patch_head_on_cls_reproduces_get_image_features(hf_pair, images):
+    family, clip, _ = hf_pair
+    tower = VisionTower.from_hf(clip, select_strategy="default" if family == "clip" else "full")
+    with torch.no_grad():
+        out = tower(images)
+        expected = clip.get_image_features(pixel_values=images).pooler_output
+        last = clip.vision_model(pixel_values=images).last_hidden_state
+    torch.testing.assert_close(out.pooled, expected)
+    assert out.patch_features.shape == (2, 16, tower.feature_dim) and out.grid == (4, 4)
+    # The per-patch head applied to one token reproduces the pooled embedding of that token:
+    # CLIP's CLS through post_layernorm + visual_projection is get_image_features exactly.
+    head = HFJointHead(clip)
+    with torch.no_grad():
+        pooled, patches = head(last)
+    torch.testing.assert_close(patches, out.patch_features)
+    if family == "clip":
+        cls_as_patch = head(last[:, :1].expand(-1, 2, -1).contiguous())[1][:, 0]
+        torch.testing.assert_close(cls_as_patch, expected)
+    else:  # SigLIP: one token pooled alone is the head's value path, the same for a lone token
+        one = head(last[:, 3:4].expand(-1, 2, -1).contiguous())[0]
+        torch.testing.assert_close(one, patches[:, 3])
+
+
+def test_hf_vision_model_without_projection(hf_pair, images):
+    family, clip, tok = hf_pair
+    if family != "clip":
+        pytest.skip("SigLIP vision models carry their head")
+    llava = _llava(clip, tok, -2, "default")
+    tower = VisionTower.from_hf(llava.model.vision_tower)  # CLIPVisionModel: no visual_projection
+    assert tower.feature_dim is None
+    with pytest.raises(ValueError, match="no visual_projection"):
+        tower(images)
+    with pytest.raises(ValueError, match="no visual_projection"):
+        HFJointHead(llava.model.vision_tower)
+
+
+def test_hf_tower_by_local_path(hf_pair, images, tmp_path):
+    family, clip, tok = hf_pair
+    clip.save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    cfg = VisionConfig(name=str(tmp_path / "clip"), select_strategy="default" if family == "clip" else "full")
+    assert cfg.resolved_library() == "transformers"
+    bundle = load_clip(cfg)
+    tower = VisionTower.from_clip(bundle)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(images).pooled, clip.get_image_features(pixel_values=images).pooler_output)
+    feats = bundle.encode_text(["cat", "red dog"])
+    assert feats.shape == (2, tower.feature_dim)
+    assert "file:" in bundle.key()
+    random = load_clip(VisionConfig(name=str(tmp_path / "clip"), pretrained=None))
+    assert "random:" in random.key() and random.key() != bundle.key()

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("open_clip")
 
+from sea_model import tiny as shipped  # noqa: E402
 from sea_model.vision import load_clip  # noqa: E402
 from sea_model.vocab import (  # noqa: E402
     DEFAULT_SIZE,
@@ -141,3 +142,23 @@ def test_build_vocabulary(clip, tmp_path):
     assert vocab.words == tiny.WORDS and len(vocab) == len(tiny.WORDS)
     assert vocab.features.shape == (len(tiny.WORDS), 16)
     assert vocab.token_ids.shape[0] == len(tiny.WORDS)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_build_vocabulary_from_hf_text_tower(family, tmp_path, monkeypatch):
+    """A Hugging Face CLIP/SigLIP text tower: get_text_features of each word, cached like open_clip's."""
+    from sea_model.vision import ClipBundle, hf_text_features
+
+    torch.manual_seed(0)
+    tok = tiny.tiny_tokenizer()
+    bundle = ClipBundle.from_hf(shipped.tiny_hf_clip(family), tok)
+    words = tiny.WORDS[:7]
+    vocab = build_vocabulary(bundle, tok, words, cache_dir=tmp_path, progress=False, batch_size=3)
+    with torch.no_grad():
+        expected = hf_text_features(bundle.model, tok, words)
+    assert vocab.features.shape == (7, 16 if family == "clip" else 32)
+    torch.testing.assert_close(vocab.features, expected)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(bundle.model, "get_text_features", lambda **_: pytest.fail("cache was not used"))
+    again = build_vocabulary(bundle, tok, words, cache_dir=tmp_path, progress=False)
+    torch.testing.assert_close(again.features, vocab.features)
