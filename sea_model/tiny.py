@@ -157,3 +157,49 @@ def tiny_hf_llava(
     llava = LlavaForConditionalGeneration(config)
     hf_vision_part(llava.model.vision_tower).load_state_dict(clip.vision_model.state_dict())
     return llava
+
+
+def llava_caption_samples(tokenizer, llava, n: int = 8, *, caption_words: int = 5, seed: int = 0) -> list[dict]:
+    """Stage-1 samples for a :func:`tiny_hf_llava` model: ``<image>`` x (its image tokens), then a
+    caption of :data:`WORDS` and ``</s>``; ``labels`` supervise the caption only; random pixels."""
+    import torch
+
+    cfg = llava.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    n_image = side * side + (
+        1 if cfg.vision_feature_select_strategy == "full" and "clip" in cfg.vision_config.model_type else 0
+    )
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        caption = tokenizer(" " + " ".join(rng.choice(WORDS) for _ in range(caption_words)), add_special_tokens=False)
+        ids = [cfg.image_token_id] * n_image + caption["input_ids"] + [tokenizer.eos_token_id]
+        labels = [-100] * n_image + ids[n_image:]
+        size = cfg.vision_config.image_size
+        out.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "pixel_values": torch.randn(3, size, size, generator=gen),
+            }
+        )
+    return out
+
+
+def collate_padded(samples: list[dict], pad_id: int = 0) -> dict:
+    """Right-pad ``input_ids``/``labels`` (``pad_id``/-100), add ``attention_mask``, stack ``pixel_values``."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in samples)
+
+    def pad(key, value):
+        return torch.stack([torch.cat([s[key], s[key].new_full((width - len(s[key]),), value)]) for s in samples])
+
+    ids = pad("input_ids", pad_id)
+    mask = torch.stack([torch.arange(width) < len(s["input_ids"]) for s in samples]).long()
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": pad("labels", -100),
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+    }
