@@ -12,19 +12,34 @@ import torch
 from torch import nn
 
 from . import _distributed
-from .contrastive import contrastive_loss
-from .dedup import dedup_labels, word_embeddings
+from ._common import compute_dtype
+from .contrastive import contrastive_loss, masked_contrastive_loss
+from .dedup import check_token_ids, dedup_mask, full_table, mean_embeddings
 from .dispatch import BACKENDS
 from .labels import PatchLabels, patch_labels
 from .validation import check_feature_dims, check_finite, check_int, check_int_tensor, check_tensor
 
 
 class SEAAlignmentOutput(NamedTuple):
-    loss: torch.Tensor  # scalar L_a
-    pairs: int  # pairs that entered the loss, over all ranks
-    scale: torch.Tensor  # 1 / tau used for this batch (detached)
-    labels: PatchLabels  # per-window labels, (B, n_windows) each
-    keep: torch.Tensor  # (B, n_windows) bool: windows whose pair entered the loss
+    """What :class:`SEAAlignmentLoss` returns.
+
+    ``loss``: 0-d ``L_a`` (float32; float64 for float64 inputs), connected to the graph even when
+    no pair entered. ``pair_count``: 0-d int64 tensor, the pairs that entered the loss (over all
+    ranks with ``group``); ``pairs`` is the same as a Python int (reading it waits for the
+    device). ``scale``: the ``1 / tau`` used (detached). ``labels``: the per-window
+    :class:`~sea_kernels.labels.PatchLabels`, each ``(B, n_windows)``. ``keep``: ``(B, n_windows)``
+    bool, the windows whose pair entered the loss.
+    """
+
+    loss: torch.Tensor
+    pair_count: torch.Tensor
+    scale: torch.Tensor
+    labels: PatchLabels
+    keep: torch.Tensor
+
+    @property
+    def pairs(self) -> int:
+        return int(self.pair_count)
 
 
 class SEAAlignmentLoss(nn.Module):
@@ -40,6 +55,22 @@ class SEAAlignmentLoss(nn.Module):
         diverging ``log_scale`` from reaching a scale of 0. Outside the clamps ``log_scale`` gets
         no gradient.
         backend: kernel backend for labels and loss (``auto`` picks the fastest available).
+
+    ``negate`` defaults to True here, the paper's setting for CLIP patch tokens (CLIP Surgery:
+    their similarity to text is inverted), while the op :func:`~sea_kernels.patch_labels` keeps
+    ``negate=False``, the plain cosine its name promises; the defaults differ on purpose and
+    ``SEAAlignmentLoss`` passes its own value. Pass ``negate=False`` for towers whose patch
+    features are not inverted (e.g. SigLIP's head value path, if that suits your data).
+
+    The forward pass adds no host synchronization and has no data-dependent shapes when
+    ``group`` is None and the backend is ``reference`` (every window goes to the loss with a 0/1
+    weight; dedup sorts on fixed shapes; ``pair_count`` is a tensor), and a function calling it
+    compiles whole under ``torch.compile(fullgraph=True)`` (the fused kernels run as custom ops
+    ``sea::patch_labels`` and ``sea::contrastive_loss_masked``; tested with ``reference`` and
+    ``cpu``). The fused
+    backends hand the kept rows to their kernels (one sync on GPUs, memory O(kept rows)). The
+    vocabulary (finite features, token ids inside the embedding table) is checked in eager calls,
+    once per version of those tensors; compiled code skips that check.
     """
 
     def __init__(
@@ -85,9 +116,32 @@ class SEAAlignmentLoss(nn.Module):
         generator=None,
         group=None,
     ) -> SEAAlignmentOutput:
-        """``visual_tokens`` ``(B, P, D)`` (adapter outputs), ``patch_features`` ``(B, P, d)`` (CLIP
-        joint-space patch features), ``vocab_features`` ``(q, d)``, ``word_token_ids`` ``(q, L)``
-        padded with -1, ``embedding_weight`` ``(V, D)`` (the LLM's input embeddings)."""
+        """The loss of one batch (:class:`SEAAlignmentOutput`).
+
+        Args:
+            visual_tokens: ``(B, P, D)`` adapter outputs, one row per patch (no CLS), any float
+                dtype; gradients flow to it.
+            patch_features: ``(B, P, d)`` joint-space patch features of the same images (no
+                gradient). Non-finite values: ``ValueError`` in eager calls on CPU tensors; on
+                GPUs and under torch.compile the loss is NaN instead (no sync to check).
+            vocab_features: ``(q, d)`` text features of the words. word_token_ids: ``(q, L)``
+                int64 LLM token ids, padded with -1.
+            embedding_weight: ``(V, D)`` the LLM's input embeddings (gradients flow to it); an
+                FSDP2-sharded parameter (``DTensor``) is gathered for the step, its gradient
+                averaged over the ranks into each shard. DeepSpeed ZeRO-3: call SEA where the
+                table is gathered (``deepspeed.zero.GatheredParameters([weight])``, or with
+                ``weight`` registered by ``deepspeed.zero.register_external_parameter`` on the
+                module whose forward calls SEA).
+            grid: ``(H, W)`` patch grid with ``H * W == P``; None means square.
+            generator: a ``torch.Generator`` for the label sampling and dedup draws (None: the
+                global generator of the device).
+            group: a process group: labels deduplicated and negatives gathered over its ranks
+                (eager only; ``pair_count`` then counts every rank's pairs).
+
+        Dtypes: scores and the loss are computed in float32 (float64 when the inputs are
+        float64); label embeddings are means accumulated in float32 and returned in
+        ``embedding_weight``'s dtype; the loss is float32 (float64).
+        """
         check_tensor("visual_tokens", visual_tokens, ndim=3)
         check_tensor("patch_features", patch_features, ndim=3)
         check_tensor("embedding_weight", embedding_weight, ndim=2)
@@ -104,8 +158,9 @@ class SEAAlignmentLoss(nn.Module):
                 f"{vocab_features.shape[0]} rows expected, got {word_token_ids.shape[0]}"
             )
 
-        check_finite("patch_features", patch_features)
-        self._check_vocabulary(vocab_features)
+        finite = self._patch_features_finite(patch_features)
+        if not torch.compiler.is_compiling():  # traced code skips it: run one eager call first
+            self._check_vocabulary(vocab_features, word_token_ids, embedding_weight.shape[0])
         with torch.no_grad():
             labels = patch_labels(
                 patch_features.detach(),
@@ -119,38 +174,59 @@ class SEAAlignmentLoss(nn.Module):
                 validate=False,  # checked above; the vocabulary once per version
             )
             keep = self._keep(labels, generator, group)
-
-        rows, windows = keep.nonzero(as_tuple=True)
-        pairs = int(keep.sum())
-        if group is not None:
-            pairs = sum(_distributed.gather_sizes(pairs, group, keep.device))
         scale = self.scale()
+        embedding_weight = full_table(embedding_weight)  # an FSDP2-sharded table: gathered
+        if group is not None:
+            return self._loss_over_ranks(visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group)
+
+        # Every window goes to the loss, weighted by `keep`: fixed shapes, no host sync.
+        b, nw = keep.shape
+        rows = torch.arange(b, device=keep.device)[:, None].expand(b, nw)
+        x = visual_tokens[rows, labels.patch.clamp(min=0)].reshape(b * nw, -1)
+        t = mean_embeddings(labels.label.clamp(min=0).reshape(-1), word_token_ids.to(x.device), embedding_weight)
+        dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
+        loss = masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
+        if finite is not None:
+            loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+        return SEAAlignmentOutput(loss, keep.sum(), scale.detach(), labels, keep)
+
+    def _loss_over_ranks(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group):
+        """The loss with negatives from every rank (eager: row counts differ between ranks)."""
+        rows, windows = keep.nonzero(as_tuple=True)
+        pairs = sum(_distributed.gather_sizes(int(keep.sum()), group, keep.device))
+        pair_count = torch.tensor(pairs, device=keep.device)
         if pairs == 0:
             # Zero connected to the graph: backward runs and gives zero gradients.
             loss = visual_tokens.sum() * 0.0 + scale * 0.0
-            return SEAAlignmentOutput(loss.float(), 0, scale.detach(), labels, keep)
-
+            return SEAAlignmentOutput(loss.float(), pair_count, scale.detach(), labels, keep)
         x = visual_tokens[rows, labels.patch[rows, windows]]
-        t = word_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
-        loss = contrastive_loss(x, t, scale, group=group, backend=self.backend)
-        return SEAAlignmentOutput(loss, pairs, scale.detach(), labels, keep)
+        t = mean_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
+        loss = contrastive_loss(x, t, scale, group=group, backend=self.backend, validate=False)
+        return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
 
     def scale(self) -> torch.Tensor:
         """``1 / tau = exp(log_scale)``, clamped to ``[min_scale, max_scale]`` (differentiable)."""
         return self.log_scale.exp().clamp(min=self.min_scale, max=self.max_scale)
 
-    def _check_vocabulary(self, vocab_features) -> None:
-        """Finiteness of the (constant) vocabulary features, checked again only when they change."""
-        check_tensor("vocab_features", vocab_features, ndim=2)
-        key = (
-            vocab_features.data_ptr(),
-            vocab_features._version,
-            tuple(vocab_features.shape),
-            vocab_features.dtype,
-            vocab_features.device,
-        )
+    @staticmethod
+    def _patch_features_finite(patch_features) -> torch.Tensor | None:
+        """Eager CPU calls raise on non-finite patch features; on GPUs and under torch.compile,
+        where that check would stall the device, a flag is returned and the loss becomes NaN."""
+        if patch_features.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_finite("patch_features", patch_features)
+            return None
+        lo, hi = torch.aminmax(patch_features.detach())
+        return torch.isfinite(lo) & torch.isfinite(hi)
+
+    def _check_vocabulary(self, vocab_features, word_token_ids, vocab_size: int) -> None:
+        """Finiteness of the (constant) vocabulary features and the range of the word token ids,
+        checked again only when either changes."""
+        key = tuple(
+            (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in (vocab_features, word_token_ids)
+        ) + (vocab_size,)
         if key != self._checked_vocabulary:
             check_finite("vocab_features", vocab_features)
+            check_token_ids(word_token_ids, vocab_size)
             self._checked_vocabulary = key
 
     def _keep(self, labels: PatchLabels, generator, group) -> torch.Tensor:
@@ -160,14 +236,13 @@ class SEAAlignmentLoss(nn.Module):
         flat_label, flat_valid = labels.label.reshape(-1), labels.valid.reshape(-1)
         priority = torch.rand(flat_label.shape, generator=generator, device=flat_label.device)
         if group is None:
-            keep = dedup_labels(flat_label, valid=flat_valid, priority=priority)
-            return keep.view_as(labels.valid)
+            return dedup_mask(flat_label, flat_valid, priority).view_as(labels.valid)
         # Dedup over every rank's windows at once; each rank keeps its own slice of the result.
         sizes = _distributed.gather_sizes(flat_label.shape[0], group, flat_label.device)
         gathered = [
             _distributed.gather_rows(v, group, with_grad=False, sizes=sizes)
             for v in (flat_label, flat_valid.long(), priority)
         ]
-        keep = dedup_labels(gathered[0], valid=gathered[1].bool(), priority=gathered[2])
+        keep = dedup_mask(gathered[0], gathered[1].bool(), gathered[2])
         start = sum(sizes[: torch.distributed.get_rank(group)])
         return keep[start : start + flat_label.shape[0]].view_as(labels.valid)

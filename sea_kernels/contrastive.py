@@ -50,6 +50,98 @@ def contrastive_loss(x, t, scale, *, group=None, backend="auto", validate=True) 
     return impl(x, t, scale)
 
 
+def masked_contrastive_loss(x, t, keep, scale, *, backend="auto") -> torch.Tensor:
+    """:func:`contrastive_loss` over the rows where ``keep`` is True, on fixed shapes.
+
+    ``x``, ``t`` ``(N, D)``, ``keep`` bool ``(N,)``, ``scale`` a 0-d tensor in the accumulation
+    dtype. Rows that are not kept take no part (not as pairs, not as negatives) and get zero
+    gradients; no kept row gives a zero loss, still connected to the graph. No host sync and no
+    data-dependent shape with the ``reference`` backend, which masks the ``N x N`` logits. The
+    fused backends get the kept rows (``x[keep]``: one host sync on GPUs, and their memory stays
+    O(kept rows)); under ``torch.compile`` they run inside a custom op
+    (``sea::contrastive_loss_masked``, whose backward recomputes the forward), so the function
+    traces with ``fullgraph=True``. No validation (an internal step of ``SEAAlignmentLoss``).
+    """
+    if backend == "reference":
+        return masked_contrastive_loss_reference(x, t, keep, scale)
+    if not torch.compiler.is_compiling():
+        return _kept_loss(x, t, keep, scale, backend)  # eager: the backend's own backward, no recompute
+    return torch.ops.sea.contrastive_loss_masked(x, t, keep, scale, backend)
+
+
+def masked_contrastive_loss_reference(x, t, keep, scale) -> torch.Tensor:
+    dtype = scale.dtype
+    logits = scale * (F.normalize(x.to(dtype), dim=-1) @ F.normalize(t.to(dtype), dim=-1).T)
+    # Masked entries get the smallest finite value: exp() of it minus any real logit is exactly 0.
+    hidden = torch.finfo(dtype).min
+    rows = torch.where(keep[None, :], logits, hidden)  # row i's softmax over kept columns
+    cols = torch.where(keep[:, None], logits, hidden)  # column j's softmax over kept rows
+    diag = logits.diagonal()
+    ce = (rows.logsumexp(1) - diag) + (cols.logsumexp(0) - diag)
+    ce = torch.where(keep, ce, torch.zeros_like(ce))  # (not a product: masked rows may be -inf)
+    return 0.5 * ce.sum() / keep.sum().clamp(min=1).to(dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+# The fused backends (C++, Triton) are opaque to torch.compile: they run inside custom ops with
+# fake (shape-only) implementations. The masked loss's backward recomputes the forward under
+# autograd inside its own op (the custom-op machinery turns autograd off in an op's body).
+
+
+def _autograd_inside_op():
+    include = torch._C._dispatch_tls_local_include_set()
+    return torch._C._ForceDispatchKeyGuard(include, torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined))
+
+
+def _kept_loss(x, t, keep, scale, backend):
+    kept = keep.nonzero().squeeze(1)
+    if kept.numel() == 0:
+        return (x.sum() + t.sum()).to(scale.dtype) * 0.0 + scale * 0.0
+    return resolve("contrastive_loss", backend, x.device)(x[kept], t[kept], scale)
+
+
+@torch.library.custom_op("sea::contrastive_loss_masked", mutates_args=())
+def _masked_op(x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, backend: str) -> torch.Tensor:
+    with torch.no_grad():
+        return _kept_loss(x, t, keep, scale, backend).detach().clone()
+
+
+@_masked_op.register_fake
+def _(x, t, keep, scale, backend):
+    return scale.new_empty(())
+
+
+@torch.library.custom_op("sea::contrastive_loss_masked_backward", mutates_args=())
+def _masked_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _autograd_inside_op(), torch.enable_grad():
+        leaves = [v.detach().requires_grad_() for v in (x, t, scale)]
+        loss = _kept_loss(*leaves[:2], keep, leaves[2], backend)
+        grads = torch.autograd.grad(loss, leaves, grad, allow_unused=True)
+    return tuple(torch.zeros_like(v) if g is None else g.detach() for v, g in zip(leaves, grads))
+
+
+@_masked_backward_op.register_fake
+def _(grad, x, t, keep, scale, backend):
+    return torch.empty_like(x), torch.empty_like(t), torch.empty_like(scale)
+
+
+def _masked_setup(ctx, inputs, output):
+    x, t, keep, scale, backend = inputs
+    ctx.save_for_backward(x, t, keep, scale)
+    ctx.backend = backend
+
+
+def _masked_backward(ctx, grad):
+    x, t, keep, scale = ctx.saved_tensors
+    gx, gt, gs = torch.ops.sea.contrastive_loss_masked_backward(grad, x, t, keep, scale, ctx.backend)
+    return gx, gt, None, gs, None
+
+
+_masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
+
+
 def _as_scale(scale, dtype, device, validate: bool) -> torch.Tensor:
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"scale must be a positive float or a 0-d tensor; got {type(scale).__name__}")

@@ -112,6 +112,14 @@ def patch_labels(
     cumulative score exceeds ``u1``. Windows without an eligible patch are invalid
     (``patch = label = -1``, ``score = 0``). Returns ``PatchLabels(patch, label, score, valid)``,
     each ``(B, n_windows)``: int64, int64, float32, bool.
+
+    ``grid`` ``(H, W)`` with ``H * W == P`` (None: square); windows tile it row-major, partial
+    at the right and bottom edges, ``n_windows = ceil(H / window) * ceil(W / window)``.
+    ``uniforms`` ``(B, n_windows, 2)`` in ``[0, 1)``, else drawn with ``torch.rand`` from
+    ``generator`` (None: the device's global generator). ``negate`` defaults to False here (the
+    plain cosine); :class:`~sea_kernels.SEAAlignmentLoss` defaults to True, the paper's choice
+    for CLIP patch tokens, and passes it. Any float dtype: scores are computed in float32
+    (float64 for float64 inputs with the ``reference`` and ``cpu`` backends).
     """
     check_tensor("patches", patches, ndim=3)
     check_tensor("vocab", vocab, ndim=2)
@@ -138,6 +146,10 @@ def patch_labels(
     if validate:
         check_finite("patches", patches)
         check_finite("vocab", vocab)
+    if backend == "reference":  # plain PyTorch: traced as it is by torch.compile
+        return patch_labels_reference(patches, vocab, hw, top_n, window, negate, uniforms)
+    if torch.compiler.is_compiling():
+        return PatchLabels(*torch.ops.sea.patch_labels(patches, vocab, *hw, top_n, window, negate, uniforms, backend))
     impl = resolve("patch_labels", backend, device)
     return PatchLabels(*impl(patches, vocab, hw, top_n, window, negate, uniforms))
 
@@ -185,3 +197,35 @@ def sample_windows(
 def patch_labels_reference(patches, vocab, grid, top_n, window, negate, uniforms) -> PatchLabels:
     values, indices = cosine_topk_reference(patches, vocab, top_n, negate)
     return sample_windows(values, indices, grid, window, uniforms)
+
+
+# ----------------------------------------------------------------------------- custom op
+# Under torch.compile the fused backends (C++, Triton) run inside this op: opaque to the tracer,
+# with a fake implementation that gives only the output shapes. Eager calls go straight to them.
+
+
+@torch.library.custom_op("sea::patch_labels", mutates_args=())
+def _patch_labels_op(
+    patches: torch.Tensor,
+    vocab: torch.Tensor,
+    h: int,
+    w: int,
+    top_n: int,
+    window: int,
+    negate: bool,
+    uniforms: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = resolve("patch_labels", backend, patches.device)
+    return tuple(v.clone() for v in impl(patches, vocab, (h, w), top_n, window, negate, uniforms))
+
+
+@_patch_labels_op.register_fake
+def _(patches, vocab, h, w, top_n, window, negate, uniforms, backend):
+    shape = uniforms.shape[:2]
+    return (
+        patches.new_empty(shape, dtype=torch.long),
+        patches.new_empty(shape, dtype=torch.long),
+        patches.new_empty(shape, dtype=torch.float32),
+        patches.new_empty(shape, dtype=torch.bool),
+    )

@@ -77,9 +77,14 @@ def resolve_grid(grid, num_patches: int) -> tuple[int, int]:
     if grid is None:
         side = math.isqrt(num_patches)
         if side * side != num_patches:
+            cls = math.isqrt(num_patches - 1) ** 2 == num_patches - 1 and num_patches > 1
+            hint = (
+                f"P - 1 = {num_patches - 1} is a square: the tokens seem to include CLS; drop it (tokens[:, 1:])"
+                if cls
+                else "pass grid=(H, W) for a non-square grid"
+            )
             raise ValueError(
-                f"grid is None, so the number of patches P must be a perfect square; got P = {num_patches} "
-                "(pass grid=(H, W))"
+                f"grid is None, so the number of patches P must be a perfect square; got P = {num_patches} ({hint})"
             )
         return side, side
     if not isinstance(grid, (tuple, list)) or len(grid) != 2:

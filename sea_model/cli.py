@@ -5,6 +5,8 @@
   (see :mod:`sea_model.train` for the configuration and the override syntax).
 * ``sea generate --checkpoint DIR --image IMG --prompt TEXT``: answer with a trained model.
 * ``sea selfcheck``: run every op with every available backend.
+* ``sea export --format llava-hf CHECKPOINT OUT``: a ``LlavaForConditionalGeneration`` folder.
+* ``sea build``: compile the C++ CPU kernels now (they are otherwise compiled on first use).
 * ``sea bench [--ops topk,labels,loss,stage1] [--sizes quick|full] [--device cpu|cuda] [--out DIR]``:
   benchmarks against the reference (see :mod:`sea_model.bench`).
 
@@ -52,6 +54,42 @@ def _selfcheck(args: argparse.Namespace) -> int:
     if missing:
         print("not run on this device: " + ", ".join(missing) + " (triton needs CUDA, or --interpret on CPU)")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .hf import export_llava_hf
+
+    try:
+        out = export_llava_hf(args.checkpoint, args.out)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:  # one clear line
+        print(f"sea export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote a LlavaForConditionalGeneration folder: {out}")
+    return 0
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="convert a checkpoint for other tools (llava-hf: a Hugging Face Llava folder)")
+    p.add_argument("--format", choices=["llava-hf"], required=True)
+    p.add_argument("checkpoint", help="a checkpoint or output directory (its latest checkpoint)")
+    p.add_argument("out", help="the folder to write")
+    p.set_defaults(func=_export)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from sea_kernels.cpu._build import build_all, cache_root
+
+    built = build_all()
+    for name, ok in built.items():
+        print(f"{name}: {'ready' if ok else 'NOT available (the cpu backend uses its PyTorch path)'}")
+    print(f"cache: {cache_root()}")
+    return 0 if all(built.values()) else 1
+
+
+def _build_parser(sub) -> None:
+    p = sub.add_parser("build", help="compile the C++ CPU kernels now (else on first use; for images and CI)")
+    p.set_defaults(func=_build)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -264,7 +302,15 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_bench)
 
 
-SUBCOMMANDS = (_demo_parser, _train_parser, _generate_parser, _selfcheck_parser, _bench_parser)
+SUBCOMMANDS = (
+    _demo_parser,
+    _train_parser,
+    _generate_parser,
+    _selfcheck_parser,
+    _bench_parser,
+    _build_parser,
+    _export_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,3 +134,47 @@ def test_non_finite_inputs_are_refused_even_after_a_good_call():
     bad[0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="patch_features must be finite"):
         module(visual, bad, torch.randn(40, 16), ids, weight)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiles_whole_and_matches_eager(backend):
+    """``torch.compile(fullgraph=True)`` of a step that calls SEAAlignmentLoss: no graph break
+    (fused ops are custom ops, dedup and the loss use fixed shapes, no host sync), and the same
+    loss and gradients as eager. (``aot_eager`` keeps the eager random stream; inductor does so
+    with ``torch._inductor.config.fallback_random = True``.)"""
+    import torch._dynamo
+
+    pf, vf, ids, weight = batch(seed=4)
+    module = SEAAlignmentLoss(backend=backend, init_log_scale=1.0)
+
+    def step(visual, pf, weight):
+        out = module(visual, pf, vf, ids, weight)
+        return out.loss, out.pair_count
+
+    explain = torch._dynamo.explain(step)(torch.randn(3, 36, 24), pf, weight)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        visual = torch.randn(3, 36, 24, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        w = weight.clone().requires_grad_()
+        module.zero_grad()
+        torch.manual_seed(7)  # the labels' and dedup's random draws
+        loss, pairs = fn(visual, pf, w)
+        loss.backward()
+        results.append((loss.detach(), int(pairs), visual.grad, w.grad, module.log_scale.grad.clone()))
+    (le, pe, *ge), (lc, pc, *gc) = results
+    assert pe == pc > 0
+    torch.testing.assert_close(lc, le)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_cls_token_kept_is_named_in_the_error():
+    pf, vf, ids, weight = batch(side=4)
+    with_cls = torch.cat([pf[:, :1], pf], dim=1)  # 17 tokens: CLS + 4 x 4 patches
+    visual = torch.randn(3, 17, 24)
+    with pytest.raises(ValueError, match=r"include CLS; drop it \(tokens\[:, 1:\]\)"):
+        SEAAlignmentLoss(backend="reference")(visual, with_cls, vf, ids, weight)
+    with pytest.raises(ValueError, match="pass grid=\\(H, W\\) for a non-square grid"):
+        SEAAlignmentLoss(backend="reference")(visual[:, :15], pf[:, :15], vf, ids, weight)

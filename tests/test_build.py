@@ -1,9 +1,12 @@
-"""``sea_kernels.cpu._build``: where the C++ kernels are cached, and the switches that decide whether
-the cpu backend uses them."""
+"""``sea_kernels.cpu._build``: where the C++ kernels are cached, the switches that decide whether
+the cpu backend uses them, the first build's message and ``sea build``; ``sea export``'s errors."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from torch.utils import cpp_extension
 
 from sea_kernels.cpu import _build
 
@@ -47,3 +50,39 @@ def test_sources_are_found_in_the_checkout():
         assert code.startswith(b"//") or b"#include" in code
     with pytest.raises((OSError, ModuleNotFoundError)):  # neither in the checkout nor installed
         _build._source("no_such_kernel")
+
+
+@pytest.fixture
+def fake_compiler(tmp_path, monkeypatch):
+    """A private cache and a stand-in for torch's compiler (no real build in the test suite)."""
+    calls = []
+
+    def load(name, sources, build_directory, **kw):
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found (test)")
+        calls.append(name)
+        return object()
+
+    monkeypatch.setenv("SEA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SEA_NO_CPP", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", load)
+    _build.load_extension.cache_clear()
+    yield calls
+    _build.load_extension.cache_clear()  # later tests load the real extensions again
+
+
+def test_first_build_is_announced_with_its_time(fake_compiler, capsys, caplog):
+    assert _build.load_extension("labels") is not None
+    err = capsys.readouterr().err
+    assert "compiling the C++ CPU kernels 'labels' once (about a minute" in err
+    assert "compiled the C++ CPU kernels 'labels' in" in err
+    assert fake_compiler == [n for n in fake_compiler if n.startswith("sea_labels_")] and len(fake_compiler) == 1
+    assert "No CUDA runtime" not in caplog.text  # torch's misleading warning is silenced
+
+
+def test_sea_build_builds_every_extension(fake_compiler, capsys):
+    from sea_model.cli import main
+
+    assert main(["build"]) == 0
+    out = capsys.readouterr().out
+    assert "labels: ready" in out and "contrastive: ready" in out
+    assert len(fake_compiler) == 2

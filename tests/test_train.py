@@ -588,19 +588,48 @@ def test_generate_user_errors_are_one_line(stage1, tmp_path, capsys):
 # --------------------------------------------------------------------------- Hugging Face tower
 
 
-def test_stage1_with_hf_clip_tower_by_local_path(setup, tmp_path):
-    """``vision.name`` a local Hugging Face CLIP folder (as LLaVA-1.5's ``--vision_tower``): SEA trains."""
+def test_hf_clip_tower_by_local_path_trains_and_exports_to_llava(setup, tmp_path):
+    """``vision.name`` a local Hugging Face CLIP folder (as LLaVA-1.5's ``--vision_tower``): SEA
+    trains in stage 1, stage 2 follows, and ``sea export --format llava-hf`` writes a Llava folder
+    that ``from_pretrained`` loads and that answers as ``sea generate`` does."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from sea_model.checkpoint import load_for_inference
+    from sea_model.cli import main
+    from sea_model.data import prompt_ids, render
+    from sea_model.model import answer
     from sea_model.vision import VisionConfig
 
     torch.manual_seed(0)
     clip_dir = tmp_path / "clip-vit-tiny"
     shipped.tiny_hf_clip("clip").save_pretrained(clip_dir)
     tiny.tiny_tokenizer().save_pretrained(clip_dir)
-    cfg = config(setup, tmp_path / "out", max_steps=2, save_every=2)
+    cfg = config(setup, tmp_path / "s1", max_steps=2, save_every=2)
     cfg.model.vision = VisionConfig(name=str(clip_dir))
     result = train(cfg, tokenizer=setup["tok"])
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["pairs"] > 0 and r["loss_align"] > 0 for r in rows)
     assert result.model.tower.kind == "hf" and result.model.tower.feature_dim == 16
     saved = json.loads((result.checkpoint / "config.json").read_text())
     assert saved["model"]["vision"]["name"] == str(clip_dir)
+
+    cfg2 = config(setup, tmp_path / "s2", stage=2, max_steps=1, save_every=1, init_from=str(tmp_path / "s1"))
+    cfg2.model.vision = cfg.model.vision
+    stage2 = train(cfg2, tokenizer=setup["tok"])
+    assert main(["export", "--format", "llava-hf", str(stage2.checkpoint), str(tmp_path / "llava")]) == 0
+
+    model, tok, _ = load_for_inference(stage2.checkpoint)
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    processor = LlavaProcessor.from_pretrained(tmp_path / "llava")
+    image = Image.open(setup["root"] / "images" / "img1.png").convert("RGB")  # not square: padded
+    question = "what color is the cat?"
+    expected = answer(model, tok, question, image, max_new_tokens=8)
+    text, _, special = render([("user", "<image>\n" + question)], tok, "auto", generation=True)
+    inputs = processor(images=image, text=text, return_tensors="pt", add_special_tokens=special)
+    ids = prompt_ids(question, tok, image_token_id=model.image_token_id, num_image_tokens=16)
+    assert inputs["input_ids"][0].tolist() == ids  # the processor expands <image> as sea does
+    pixels = model.tower.image_processor()(image)
+    torch.testing.assert_close(inputs["pixel_values"][0], pixels, atol=2e-2, rtol=0)  # PIL vs torchvision resize
+    new = llava.generate(**inputs, max_new_tokens=8, do_sample=False)[0, len(ids) :]
+    assert tok.decode(new, skip_special_tokens=True).strip() == expected and expected

@@ -4,14 +4,24 @@
 (OpenMP, -O3) into a cache folder keyed by the source, torch version and machine, and returns the
 module, or ``None`` when it cannot be built (no compiler, no ninja, ``SEA_NO_CPP=1``). A ``None``
 is announced once per extension; callers then use their chunked PyTorch path.
+
+A build (the first use on a machine, about a minute per extension) is announced on stderr
+before it starts and with its elapsed time when it ends, so that a first training step does
+not look hung; ``sea build`` (:func:`build_all`) does it ahead of time, for images and CI.
+torch's "No CUDA runtime is found" warning, which says nothing about these CPU kernels, is
+silenced while they are built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
+import sys
+import time
 import warnings
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -45,20 +55,53 @@ def load_extension(name: str):
     src_path = build_dir / f"{name}.cpp"
     if not src_path.exists() or src_path.read_bytes() != code:
         src_path.write_bytes(code)
+    fresh = not (build_dir / f"sea_{name}_{key}.so").exists()
+    if fresh:
+        _say(f"compiling the C++ CPU kernels '{name}' once (about a minute; cached in {build_dir.parent})")
+    start = time.perf_counter()
     try:
-        from torch.utils import cpp_extension
+        with _quiet_cuda_warning():
+            from torch.utils import cpp_extension
 
-        return cpp_extension.load(
-            name=f"sea_{name}_{key}",
-            sources=[str(src_path)],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3", "-fopenmp", "-march=native"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+            module = cpp_extension.load(
+                name=f"sea_{name}_{key}",
+                sources=[str(src_path)],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-fopenmp", "-march=native"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        if fresh:
+            _say(f"compiled the C++ CPU kernels '{name}' in {time.perf_counter() - start:.0f} s")
+        return module
     except Exception as exc:  # no compiler, no ninja, or a build error: fall back, loudly once
         _announce(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
         return None
+
+
+EXTENSIONS = ("labels", "contrastive")  # csrc/<name>.cpp
+
+
+def build_all() -> dict[str, bool]:
+    """Build (or find in the cache) every C++ extension; returns name -> whether it is available."""
+    return {name: load_extension(name) is not None for name in EXTENSIONS}
+
+
+def _say(message: str) -> None:
+    print(f"sea_kernels: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _quiet_cuda_warning():
+    """torch.utils.cpp_extension logs "No CUDA runtime is found" on import on CPU-only machines."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    if not torch.cuda.is_available():
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def choose_extension(name: str, use_cpp: bool | None):
