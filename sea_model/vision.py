@@ -253,6 +253,8 @@ def hf_preprocess_cfg(model: nn.Module, name: str | None = None) -> dict:
     """open_clip preprocessing equivalent to the model's ``CLIPImageProcessor``/``SiglipImageProcessor``
     (read from ``name`` when it holds one, else the model family's defaults)."""
     vision = getattr(model.config, "vision_config", model.config)
+    if not hasattr(vision, "image_size"):
+        return {}  # a text tower alone (for the vocabulary only)
     size = int(vision.image_size)
     siglip = "siglip" in vision.model_type
     mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (OPENAI_MEAN, OPENAI_STD)
@@ -275,7 +277,8 @@ def hf_preprocess_cfg(model: nn.Module, name: str | None = None) -> dict:
 
 
 def hf_text_features(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Joint-space text features of a Hugging Face CLIP/SigLIP model (``get_text_features``).
+    """Joint-space text features of a Hugging Face CLIP/SigLIP model (``get_text_features``), or
+    of its text tower alone (``CLIPTextModelWithProjection``, ``SiglipTextModel``).
 
     SigLIP is fed as it was trained: padded to ``max_length`` (64 unless the tokenizer says
     otherwise), no attention mask; CLIP gets padding to the longest text and its attention mask.
@@ -293,8 +296,11 @@ def hf_text_features(model: nn.Module, tokenizer, texts: list[str]) -> torch.Ten
     else:
         enc = tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
         inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-    out = model.get_text_features(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+    if hasattr(model, "get_text_features"):  # CLIPModel, SiglipModel
+        out = model.get_text_features(**inputs)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+    out = model(**inputs)  # CLIPTextModelWithProjection (text_embeds), SiglipTextModel (pooler_output)
+    return out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
 
 
 def _from_model_cfg(config: VisionConfig):

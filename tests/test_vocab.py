@@ -20,6 +20,7 @@ from sea_model.vocab import (  # noqa: E402
 )
 from tests import tiny  # noqa: E402
 
+WORDS3 = ["cat", "red dog", "a tree"]
 TWO_OF_12 = Path("/work/shared/data/2of12.txt")
 
 
@@ -162,3 +163,25 @@ def test_build_vocabulary_from_hf_text_tower(family, tmp_path, monkeypatch):
     monkeypatch.setattr(bundle.model, "get_text_features", lambda **_: pytest.fail("cache was not used"))
     again = build_vocabulary(bundle, tok, words, cache_dir=tmp_path, progress=False)
     torch.testing.assert_close(again.features, vocab.features)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_hf_text_tower_alone_gives_the_joint_space_features(family):
+    """CLIPTextModelWithProjection / SiglipTextModel with the weights of the whole model's text side."""
+    from transformers import CLIPTextModelWithProjection, SiglipTextModel
+
+    from sea_model.vision import hf_text_features
+
+    torch.manual_seed(0)
+    tok = tiny.tiny_tokenizer()
+    whole = tiny.tiny_hf_clip(family)
+    if family == "clip":
+        config = whole.config.text_config.to_dict() | {"projection_dim": 16}
+        text = CLIPTextModelWithProjection(type(whole.config.text_config)(**config))
+        text.text_model.load_state_dict(whole.text_model.state_dict())
+        text.text_projection.load_state_dict(whole.text_projection.state_dict())
+    else:  # transformers 5: SiglipTextModel is the text transformer itself
+        text = SiglipTextModel(whole.config.text_config)
+        text.load_state_dict(whole.text_model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(hf_text_features(text.eval(), tok, WORDS3), hf_text_features(whole, tok, WORDS3))
