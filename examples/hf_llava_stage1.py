@@ -2,7 +2,7 @@
 
 Offline and on a CPU in well under two minutes: it builds a tiny random CLIP (``CLIPModel``), a
 tiny random ``LlavaForConditionalGeneration`` whose vision tower carries that CLIP's vision
-weights, and a tiny byte-level BPE tokenizer trained on the fly, then trains the projector
+weights, and a word-level tokenizer built on the fly, then trains the projector
 (Stage 1) with ``L = L_gen + L_align`` on random captioned images:
 
     python examples/hf_llava_stage1.py              # last line: L_gen=... L_align=... tau=...
@@ -24,16 +24,19 @@ import torch
 from sea_model import tiny
 from sea_model.hf import LlavaSEA, SEATrainer
 
+# The SEA vocabulary and the captions' words (a real run: the paper's 41k-word list).
+WORDS = "cat dog bird car tree house red blue green small big sky water road person ball table chair".split()
+
 
 def build(seed: int = 0):
     """(llava, clip, tokenizer, samples): tiny random models, Stage-1 freezing, 16 captioned images."""
     torch.manual_seed(seed)
-    tokenizer = tiny.tiny_tokenizer()
+    tokenizer = tiny.word_tokenizer(WORDS + ["a"])  # one token per word, <image> added
     clip = tiny.tiny_hf_clip("clip")
     llava = tiny.tiny_hf_llava(clip, tokenizer)
     llava.requires_grad_(False)  # Stage 1: only the projector trains (and SEA's temperature)
     llava.model.multi_modal_projector.requires_grad_(True)
-    return llava.train(), clip, tokenizer, tiny.llava_caption_samples(tokenizer, llava, 16, seed=seed)
+    return llava.train(), clip, tokenizer, tiny.llava_caption_samples(tokenizer, llava, WORDS, 16, seed=seed)
 
 
 def plain_loop(llava, sea, samples, steps: int, batch: int = 4) -> dict:
@@ -130,7 +133,7 @@ def main(argv=None) -> None:
 
     llava, clip, tokenizer, samples = build()
     # SEA: the CLIP model gives the joint-space head and embeds the words once (cached under ~/.cache/sea).
-    sea = LlavaSEA(llava, clip, tokenizer, tokenizer, tiny.WORDS, backend=args.backend, cache_dir=False, progress=False)
+    sea = LlavaSEA(llava, clip, tokenizer, tokenizer, WORDS, backend=args.backend, cache_dir=False, progress=False)
     plain_loop(llava, sea, samples, args.steps)
     if args.overhead:
         overhead(llava, sea, samples)

@@ -8,6 +8,8 @@ in ``tests/tiny.py``. Nothing here downloads anything.
 
 from __future__ import annotations
 
+import random
+
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -159,9 +161,11 @@ def tiny_hf_llava(
     return llava
 
 
-def llava_caption_samples(tokenizer, llava, n: int = 8, *, caption_words: int = 5, seed: int = 0) -> list[dict]:
+def llava_caption_samples(
+    tokenizer, llava, words: list[str], n: int = 8, *, caption_words: int = 5, seed: int = 0
+) -> list[dict]:
     """Stage-1 samples for a :func:`tiny_hf_llava` model: ``<image>`` x (its image tokens), then a
-    caption of :data:`WORDS` and ``</s>``; ``labels`` supervise the caption only; random pixels."""
+    caption of random ``words`` and ``</s>``; ``labels`` supervise the caption only; random pixels."""
     import torch
 
     cfg = llava.config
@@ -172,7 +176,7 @@ def llava_caption_samples(tokenizer, llava, n: int = 8, *, caption_words: int = 
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        caption = tokenizer(" " + " ".join(rng.choice(WORDS) for _ in range(caption_words)), add_special_tokens=False)
+        caption = tokenizer(" " + " ".join(rng.choice(words) for _ in range(caption_words)), add_special_tokens=False)
         ids = [cfg.image_token_id] * n_image + caption["input_ids"] + [tokenizer.eos_token_id]
         labels = [-100] * n_image + ids[n_image:]
         size = cfg.vision_config.image_size

@@ -8,9 +8,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sea_model import tiny  # noqa: E402
+from sea_model import tiny as shipped  # noqa: E402
 from sea_model.hf import LlavaSEA  # noqa: E402
 from sea_model.vision import VisionTower  # noqa: E402
+from tests import tiny  # noqa: E402
 
 WORDS = tiny.WORDS[:24]
 
@@ -22,8 +23,8 @@ def tok():
 
 def build(tok, family="clip", layer=-2, strategy="default", **sea_options):
     torch.manual_seed(0)
-    clip = tiny.tiny_hf_clip(family)
-    llava = tiny.tiny_hf_llava(clip, tok, vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+    clip = shipped.tiny_hf_clip(family)
+    llava = shipped.tiny_hf_llava(clip, tok, vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     llava.requires_grad_(False)
     llava.model.multi_modal_projector.requires_grad_(True)
     options = {"backend": "reference", "cache_dir": False, "progress": False, **sea_options}
@@ -36,7 +37,7 @@ def build(tok, family="clip", layer=-2, strategy="default", **sea_options):
 )
 def test_one_forward_gives_lm_loss_and_sea_inputs(tok, family, layer, strategy):
     llava, clip, sea = build(tok, family, layer, strategy)
-    batch = tiny.collate_padded(tiny.llava_caption_samples(tok, llava, 3))
+    batch = shipped.collate_padded(shipped.llava_caption_samples(tok, llava, WORDS, 3))
     out = llava(**batch)
     got = sea.align(generator=torch.Generator().manual_seed(5))
     assert torch.isfinite(out.loss) and got.pairs > 0
@@ -63,7 +64,7 @@ def test_one_forward_gives_lm_loss_and_sea_inputs(tok, family, layer, strategy):
 
 def test_eval_and_generate_skip_sea(tok):
     llava, _, sea = build(tok)
-    batch = tiny.collate_padded(tiny.llava_caption_samples(tok, llava, 2))
+    batch = shipped.collate_padded(shipped.llava_caption_samples(tok, llava, WORDS, 2))
     llava.eval()
     llava(**batch)
     assert sea.align().pairs == 0
@@ -128,7 +129,7 @@ def manual_grads(llava, sea, samples, micro_batch, weight):
     params = [p for p in [*llava.parameters(), *sea.parameters()] if p.requires_grad]
     for p in params:
         p.grad = None
-    batches = [tiny.collate_padded(samples[i : i + micro_batch]) for i in range(0, len(samples), micro_batch)]
+    batches = [shipped.collate_padded(samples[i : i + micro_batch]) for i in range(0, len(samples), micro_batch)]
     n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     for b in batches:
         out = llava(**b, num_items_in_batch=torch.tensor(n_items))
@@ -149,7 +150,7 @@ def test_trainer_weights_sea_right_under_gradient_accumulation(tok, tmp_path, mi
     grads = {}
     for weight in (0.0, 2.0):
         llava, _, sea = build(tok, window=1, top_n=1, dedup=False, weight=weight)
-        samples = tiny.llava_caption_samples(tok, llava, 4)
+        samples = shipped.llava_caption_samples(tok, llava, WORDS, 4)
         cb = GradsAtFirstStep(llava, sea)
         args = trainer_args(
             tmp_path / f"w{weight}",
@@ -158,7 +159,7 @@ def test_trainer_weights_sea_right_under_gradient_accumulation(tok, tmp_path, mi
             learning_rate=0.0,  # the weights stay as they were, for the computation by hand below
         )
         trainer = SEATrainer(
-            model=llava, sea=sea, args=args, train_dataset=samples, data_collator=tiny.collate_padded, callbacks=[cb]
+            model=llava, sea=sea, args=args, train_dataset=samples, data_collator=shipped.collate_padded, callbacks=[cb]
         )
         trainer.train()
         expected = manual_grads(llava, sea, samples, micro_batch, weight)
@@ -178,7 +179,7 @@ def test_sea_off_1x4_equals_4x1(tok, tmp_path):
     grads = []
     for micro_batch, accumulation in ((1, 4), (4, 1)):
         llava, _, sea = build(tok, weight=0.0)
-        samples = tiny.llava_caption_samples(tok, llava, 4)
+        samples = shipped.llava_caption_samples(tok, llava, WORDS, 4)
         cb = GradsAtFirstStep(llava, sea)
         args = trainer_args(
             tmp_path / str(micro_batch),
@@ -186,7 +187,7 @@ def test_sea_off_1x4_equals_4x1(tok, tmp_path):
             gradient_accumulation_steps=accumulation,
         )
         SEATrainer(
-            model=llava, sea=sea, args=args, train_dataset=samples, data_collator=tiny.collate_padded, callbacks=[cb]
+            model=llava, sea=sea, args=args, train_dataset=samples, data_collator=shipped.collate_padded, callbacks=[cb]
         ).train()
         grads.append(cb.grads["model.multi_modal_projector.linear_2.weight"])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
@@ -198,7 +199,7 @@ def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
     from sea_model.hf import SEATrainer
 
     llava, _, sea = build(tok)
-    samples = tiny.llava_caption_samples(tok, llava, 8)
+    samples = shipped.llava_caption_samples(tok, llava, WORDS, 8)
     args = trainer_args(
         tmp_path, max_steps=3, save_strategy="steps", save_steps=2, weight_decay=0.5, learning_rate=0.05
     )
@@ -212,7 +213,12 @@ def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
             seen["begin"] = sea.loss_fn.log_scale.item()
 
     trainer = SEATrainer(
-        model=llava, sea=sea, args=args, train_dataset=samples, data_collator=tiny.collate_padded, callbacks=[Record()]
+        model=llava,
+        sea=sea,
+        args=args,
+        train_dataset=samples,
+        data_collator=shipped.collate_padded,
+        callbacks=[Record()],
     )
     trainer.train()
     groups = [g for g in trainer.optimizer.param_groups if any(p is sea.loss_fn.log_scale for p in g["params"])]
@@ -229,7 +235,12 @@ def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
         sea.loss_fn.log_scale.fill_(3.0)
     seen.clear()
     trainer = SEATrainer(
-        model=llava, sea=sea, args=args, train_dataset=samples, data_collator=tiny.collate_padded, callbacks=[Record()]
+        model=llava,
+        sea=sea,
+        args=args,
+        train_dataset=samples,
+        data_collator=shipped.collate_padded,
+        callbacks=[Record()],
     )
     trainer.train(resume_from_checkpoint=str(ckpt))
     from safetensors.torch import load_file

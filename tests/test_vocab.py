@@ -174,7 +174,7 @@ def test_hf_text_tower_alone_gives_the_joint_space_features(family):
 
     torch.manual_seed(0)
     tok = tiny.tiny_tokenizer()
-    whole = tiny.tiny_hf_clip(family)
+    whole = shipped.tiny_hf_clip(family)
     if family == "clip":
         config = whole.config.text_config.to_dict() | {"projection_dim": 16}
         text = CLIPTextModelWithProjection(type(whole.config.text_config)(**config))
