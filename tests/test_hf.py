@@ -107,6 +107,19 @@ def trainer_args(out, **kw):
     return TrainingArguments(**{**base, **kw})
 
 
+def make_trainer(llava, sea, samples, args, *callbacks):
+    from sea_model.hf import SEATrainer
+
+    return SEATrainer(
+        model=llava,
+        sea=sea,
+        args=args,
+        train_dataset=samples,
+        data_collator=shipped.collate_padded,
+        callbacks=list(callbacks),
+    )
+
+
 class GradsAtFirstStep:
     """A callback keeping the trainable gradients just before the first optimizer step."""
 
@@ -145,7 +158,6 @@ def manual_grads(llava, sea, samples, micro_batch, weight):
 def test_trainer_weights_sea_right_under_gradient_accumulation(tok, tmp_path, micro_batch, accumulation):
     """Labels are deterministic here (window 1, top-1, no dedup), so the Trainer's gradients can be
     compared with the objective computed by hand; with SEA off, 1 x 4 and 4 x 1 agree too."""
-    from sea_model.hf import SEATrainer
 
     grads = {}
     for weight in (0.0, 2.0):
@@ -158,9 +170,7 @@ def test_trainer_weights_sea_right_under_gradient_accumulation(tok, tmp_path, mi
             gradient_accumulation_steps=accumulation,
             learning_rate=0.0,  # the weights stay as they were, for the computation by hand below
         )
-        trainer = SEATrainer(
-            model=llava, sea=sea, args=args, train_dataset=samples, data_collator=shipped.collate_padded, callbacks=[cb]
-        )
+        trainer = make_trainer(llava, sea, samples, args, cb)
         trainer.train()
         expected = manual_grads(llava, sea, samples, micro_batch, weight)
         assert cb.grads.keys() == expected.keys() and "sea.loss_fn.log_scale" in expected
@@ -174,7 +184,6 @@ def test_trainer_weights_sea_right_under_gradient_accumulation(tok, tmp_path, mi
 
 
 def test_sea_off_1x4_equals_4x1(tok, tmp_path):
-    from sea_model.hf import SEATrainer
 
     grads = []
     for micro_batch, accumulation in ((1, 4), (4, 1)):
@@ -186,17 +195,13 @@ def test_sea_off_1x4_equals_4x1(tok, tmp_path):
             per_device_train_batch_size=micro_batch,
             gradient_accumulation_steps=accumulation,
         )
-        SEATrainer(
-            model=llava, sea=sea, args=args, train_dataset=samples, data_collator=shipped.collate_padded, callbacks=[cb]
-        ).train()
+        make_trainer(llava, sea, samples, args, cb).train()
         grads.append(cb.grads["model.multi_modal_projector.linear_2.weight"])
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
 def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
     from transformers import TrainerCallback
-
-    from sea_model.hf import SEATrainer
 
     llava, _, sea = build(tok)
     samples = shipped.llava_caption_samples(tok, llava, WORDS, 8)
@@ -212,14 +217,7 @@ def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
         def on_train_begin(self, args, state, control, **kw):
             seen["begin"] = sea.loss_fn.log_scale.item()
 
-    trainer = SEATrainer(
-        model=llava,
-        sea=sea,
-        args=args,
-        train_dataset=samples,
-        data_collator=shipped.collate_padded,
-        callbacks=[Record()],
-    )
+    trainer = make_trainer(llava, sea, samples, args, Record())
     trainer.train()
     groups = [g for g in trainer.optimizer.param_groups if any(p is sea.loss_fn.log_scale for p in g["params"])]
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0 and len(groups[0]["params"]) == 1
@@ -234,14 +232,7 @@ def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
     with torch.no_grad():
         sea.loss_fn.log_scale.fill_(3.0)
     seen.clear()
-    trainer = SEATrainer(
-        model=llava,
-        sea=sea,
-        args=args,
-        train_dataset=samples,
-        data_collator=shipped.collate_padded,
-        callbacks=[Record()],
-    )
+    trainer = make_trainer(llava, sea, samples, args, Record())
     trainer.train(resume_from_checkpoint=str(ckpt))
     from safetensors.torch import load_file
 
