@@ -57,14 +57,9 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
     from .hf import export_llava_hf
 
-    try:
-        out = export_llava_hf(args.checkpoint, args.out)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:  # one clear line
-        print(f"sea export: {err}", file=sys.stderr)
-        return 2
+    out = export_llava_hf(args.checkpoint, args.out)  # errors: one line through run_command
     print(f"wrote a LlavaForConditionalGeneration folder: {out}")
     return 0
 

@@ -86,3 +86,11 @@ def test_sea_build_builds_every_extension(fake_compiler, capsys):
     out = capsys.readouterr().out
     assert "labels: ready" in out and "contrastive: ready" in out
     assert len(fake_compiler) == 2
+
+
+def test_sea_export_of_a_foreign_folder_is_one_error_line(tmp_path, capsys):
+    from sea_model.cli import main
+
+    assert main(["export", "--format", "llava-hf", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sea export: error:")
