@@ -97,6 +97,7 @@ class SEAAlignmentLoss(nn.Module):
         self.max_scale, self.min_scale, self.backend = float(max_scale), float(min_scale), backend
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
         self._checked_vocabulary = None
+        self._vocabulary_key, self._vocabulary = None, None
 
     def extra_repr(self) -> str:
         return (
@@ -161,10 +162,11 @@ class SEAAlignmentLoss(nn.Module):
         finite = self._patch_features_finite(patch_features)
         if not torch.compiler.is_compiling():  # traced code skips it: run one eager call first
             self._check_vocabulary(vocab_features, word_token_ids, embedding_weight.shape[0])
+        vocab = self._vocabulary_for(vocab_features, patch_features.dtype)
         with torch.no_grad():
             labels = patch_labels(
                 patch_features.detach(),
-                vocab_features,
+                vocab,
                 grid=grid,
                 top_n=self.top_n,
                 window=self.window,
@@ -228,6 +230,28 @@ class SEAAlignmentLoss(nn.Module):
             check_finite("vocab_features", vocab_features)
             check_token_ids(word_token_ids, vocab_size)
             self._checked_vocabulary = key
+
+    def _vocabulary_for(self, vocab_features: torch.Tensor, patch_dtype: torch.dtype) -> torch.Tensor:
+        """The vocabulary in the dtype the labels are scored in, cast once per vocabulary version.
+
+        Mixed-dtype policy: with 16-bit patch features (a 16-bit tower, or autocast) the vocabulary
+        is used in the patches' dtype, so the labels kernel multiplies 16-bit operands on tensor cores
+        (float32 accumulation) instead of promoting both to float32. The cast is cached: it is redone
+        only when the (constant) vocabulary tensor changes (under torch.compile it is part of the
+        graph). Effect: scores are those of the rounded vocabulary (bfloat16 keeps 8 significant
+        bits, about 3e-3 relative per entry), so words whose scores differ by less than that may tie
+        or swap order at the top-k boundary; ties keep the smaller vocabulary index, as always.
+        float32 or float64 patches use the vocabulary as given.
+        """
+        dtype = patch_dtype if patch_dtype in (torch.float16, torch.bfloat16) else vocab_features.dtype
+        if torch.compiler.is_compiling():
+            return vocab_features.detach().to(dtype)
+        key = (vocab_features.data_ptr(), vocab_features._version, tuple(vocab_features.shape))
+        key += (vocab_features.dtype, vocab_features.device, dtype)
+        if key != self._vocabulary_key:
+            self._vocabulary = vocab_features.detach().to(dtype)
+            self._vocabulary_key = key
+        return self._vocabulary
 
     def _keep(self, labels: PatchLabels, generator, group) -> torch.Tensor:
         """Windows whose pair enters the loss: valid ones, one per distinct label when ``dedup``."""

@@ -8,7 +8,9 @@ joint-space patch features, the vocabulary buffers and ``llm.get_input_embedding
 ``loss = L_gen + weight * L_align``.
 
 Dtypes: tower and LM run in ``ModelConfig.dtype``; the adapter and SEA's log-scale are kept in
-float32 (the small trainable parts), with casts at their boundaries.
+float32 (the small trainable parts), with casts at their boundaries. The vocabulary features are
+stored in the tower's dtype (the patch features' dtype), so the labels kernel scores 16-bit x
+16-bit (see ``SEAAlignmentLoss``'s mixed-dtype policy).
 
 Build from a plain :class:`ModelConfig` with :func:`build_model`, so that a saved config
 (``ModelConfig.to_dict``) rebuilds the same architecture.
@@ -218,7 +220,9 @@ class SEAModel(nn.Module):
         if int(word_token_ids.max()) >= V:
             raise ValueError(f"word_token_ids: id {int(word_token_ids.max())} is outside the LM's vocabulary ({V})")
         device = self.llm.get_input_embeddings().weight.device
-        self.vocab_features = vocab_features.float().to(device)
+        # In the tower's compute dtype: the dtype its patch features come in (see SEAAlignmentLoss's
+        # mixed-dtype policy; under autocast the loss casts it once more and caches that).
+        self.vocab_features = vocab_features.to(device=device, dtype=next(self.tower.parameters()).dtype)
         self.word_token_ids = word_token_ids.long().to(device)
 
     # ----------------------------------------------------------------- training helpers

@@ -178,3 +178,27 @@ def test_cls_token_kept_is_named_in_the_error():
         SEAAlignmentLoss(backend="reference")(visual, with_cls, vf, ids, weight)
     with pytest.raises(ValueError, match="pass grid=\\(H, W\\) for a non-square grid"):
         SEAAlignmentLoss(backend="reference")(visual[:, :15], pf[:, :15], vf, ids, weight)
+
+
+def test_mixed_dtype_policy_casts_the_vocabulary_once(monkeypatch):
+    """16-bit patch features: the labels see the vocabulary in the patches' dtype, cast once per
+    vocabulary version (the same tensor while it is unchanged); float32 patches use it as given."""
+    import sea_kernels.alignment as alignment
+
+    seen = []
+    monkeypatch.setattr(alignment, "patch_labels", lambda p, v, **kw: seen.append(v) or patch_labels(p, v, **kw))
+    pf, vf, ids, weight = batch(seed=5)
+    module = SEAAlignmentLoss(backend="reference")
+    visual = torch.randn(3, 36, 24)
+    for _ in range(2):
+        module(visual, pf.half(), vf, ids, weight, generator=torch.Generator().manual_seed(0))
+    assert seen[0].dtype == torch.float16 and seen[1] is seen[0]
+    assert torch.equal(seen[0], vf.half())
+    vf.mul_(2.0)  # a new version of the vocabulary: cast again
+    module(visual, pf.half(), vf, ids, weight, generator=torch.Generator().manual_seed(0))
+    assert seen[2] is not seen[1] and torch.equal(seen[2], vf.half())
+    module(visual, pf, vf, ids, weight, generator=torch.Generator().manual_seed(0))
+    assert seen[3].dtype == torch.float32 and seen[3].data_ptr() == vf.data_ptr()  # no copy
+    labels = patch_labels(pf.half(), vf.half(), negate=True, generator=torch.Generator().manual_seed(0))
+    out = module(visual, pf.half(), vf, ids, weight, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.labels.label, labels.label)  # the labels of the 16-bit x 16-bit call

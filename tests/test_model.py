@@ -52,6 +52,7 @@ def test_adapters():
 def test_build_model(built):
     model, tok, _ = built
     assert model.vocab_features.shape == (64, model.tower.feature_dim)
+    assert model.vocab_features.dtype == next(model.tower.parameters()).dtype  # the tower's compute dtype
     assert model.word_token_ids.shape[0] == 64 and model.sea is not None
     assert model.image_token_id == tok.convert_tokens_to_ids("<image>")
     assert "vocab_features" not in model.state_dict()  # rebuilt from the cache, not saved

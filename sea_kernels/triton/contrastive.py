@@ -49,7 +49,7 @@ Precision: ``H`` stays float32. bfloat16 inputs: the GEMMs split ``a = H * q`` i
 float16 inputs: ``a`` is split into TF32 ``hi + lo`` (bit mask) against float16 converted to
 float32 (exact in TF32), because float16's exponent range would flush small ``a`` (TF32 runs at
 half the float16 rate: the float16 backward products cost twice the bfloat16 ones). float32
-inputs: IEEE float32 products (``F32_DOT = "ieee"``, CUDA cores: about the speed of the reference's
+inputs: IEEE float32 products (``_common.F32_DOT = "ieee"``, CUDA cores: about the speed of the reference's
 float32 matmuls, with O(N) memory); ``"tf32x3"`` is faster and close to, but not provably within
 2x of, float32 (unverified). Accumulation is float32 everywhere. float64 inputs run the reference backend
 (no float64 kernels).
@@ -68,13 +68,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import NORM_EPS, triton_interpret
+from .._common import NORM_EPS
 from ..contrastive import contrastive_loss_reference
-
-_INTERPRET = triton_interpret()
-# float32 x float32 products (float32 inputs): "ieee" (CUDA cores, as the reference's matmuls) by default;
-# "tf32x3" (three TF32 tensor-core products, close to float32; its 2x-reference accuracy is unverified) is faster.
-F32_DOT = "ieee"
+from ._common import INTERPRET as _INTERPRET
+from ._common import config, dot_precision, launch, tuner
 
 # Memory knobs (module attributes so that tests can force several chunks on small inputs).
 FWD_PARTIAL_BUDGET = 1 << 24  # float32 column partials per forward launch (64 MiB)
@@ -84,17 +81,12 @@ BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N =
 # so that V's read-modify-write per chunk stays small next to the chunk's products (K = rows)
 FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
 
-FWD_BM = 16 if _INTERPRET else 128  # rows per forward program (fixed: the partial buffers depend on it)
+FWD_GPU_BM = (128, 64)  # rows per forward program, 16-bit / float32 operands (the partial buffers depend on it)
+FWD_BM = (16, 16) if _INTERPRET else FWD_GPU_BM
 _MAX_BM = 32 if _INTERPRET else 128  # largest row block of the backward kernels (chunks are multiples of it)
 
 
 AUTOTUNE_MIN_WORK = 1 << 32  # N * N * D from which the GPU kernels are autotuned (smaller: one fixed config)
-
-
-def _config(c: dict) -> triton.Config:
-    c = dict(c)
-    warps, stages = c.pop("warps", 4), c.pop("stages", 1)
-    return triton.Config(c, num_warps=warps, num_stages=stages)
 
 
 def _bucket(n: int) -> int:
@@ -108,16 +100,6 @@ def _kernel(body, generic_args):
     ``generic`` (``do_not_specialize`` on the sizes) for small calls, so that sizes that change
     every call (and test shapes) do not each cost a compile."""
     return triton.jit(body), triton.jit(body, do_not_specialize=generic_args)
-
-
-def _launch(kernels, tuned, fixed, grid, big, *args, **kwargs):
-    """Autotuned (``tuned``: an autotuner over ``kernels[0]``) on a GPU when ``big``, else the
-    generic kernel with the ``fixed`` config (always under the interpreter)."""
-    if big and not _INTERPRET:
-        tuned[grid](*args, **kwargs)
-        return
-    g = grid(fixed.kwargs) if callable(grid) else grid
-    kernels[1][g](*args, **kwargs, **fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -443,42 +425,32 @@ def _normalize_bwd_kernel(
 # ----------------------------------------------------------------------------- configs
 
 # Each kernel: Hopper candidates for 16-bit inputs (tensor cores) and for float32 inputs (IEEE
-# products on CUDA cores want smaller tiles), pruned by the input dtype before tuning; every candidate
-# compiles for sm_90 within shared memory and, but for a few float32 forward ones, without spills.
-
-
-def _tuner(kernel, key, half, single, dtype_arg, **kwargs):
-    half, single = [_config(c) for c in half], [_config(c) for c in single]
-    ids = {id(c) for c in single}
-
-    def prune(configs, named_args, **_):
-        want = named_args[dtype_arg].dtype == torch.float32
-        return [c for c in configs if (id(c) in ids) == want]
-
-    return triton.autotune(half + single, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)(kernel)
+# products on CUDA cores want smaller tiles), pruned by the input dtype (and ``archs``, see
+# ``_common.config``) before tuning. tests/test_compile_gate.py compiles them for sm_80 and sm_90:
+# within shared memory and without register spills (scripts: sea_kernels/triton/aot.py).
 
 
 _FWD = _kernel(_fwd_body, ["row0", "row_end", "N", "D", "stride_x", "stride_t", "n_splits", "TUNE_KEY"])
-_FWD_TUNED = _tuner(
+_FWD_TUNED = tuner(
     _FWD[0],
     ["TUNE_KEY", "D"],
     [
-        dict(BN=128, BK=64, warps=8, stages=3),
+        dict(BN=128, BK=64, warps=8, stages=3, archs=(90,)),
         dict(BN=64, BK=64, warps=4, stages=3),
-        dict(BN=128, BK=32, warps=8, stages=4),
+        dict(BN=128, BK=32, warps=8, stages=4, archs=(90,)),
         dict(BN=64, BK=32, warps=4, stages=2),
     ],
     [
-        dict(BN=64, BK=32, warps=4, stages=2),
-        dict(BN=64, BK=16, warps=4, stages=2),
-        dict(BN=128, BK=32, warps=8, stages=4),
+        dict(BN=32, BK=16, warps=4, stages=2),
     ],
     "x_ptr",
 )
-_FWD_FIXED = _config(dict(BN=32, BK=16) if _INTERPRET else dict(BN=64, BK=16, warps=4, stages=2))
+# The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py).
+FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=4, stages=2), dict(BN=32, BK=16, warps=4, stages=2))
+_FWD_FIXED = [config(dict(BN=32, BK=16) if _INTERPRET else c) for c in FWD_GPU_FIXED]
 
 _PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "D", "stride_x", "stride_t", "stride_h", "TUNE_KEY"])
-_PROBS_TUNED = _tuner(
+_PROBS_TUNED = tuner(
     _PROBS[0],
     ["TUNE_KEY", "D"],
     [
@@ -489,58 +461,52 @@ _PROBS_TUNED = _tuner(
     ],
     [
         dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
-        dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=3),
-        dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3),
     ],
     "x_ptr",
     reset_to_zero=["ds_ptr"],  # its layout depends on the tile: a tuning run must leave no stale entry
 )
-_PROBS_FIXED = _config(
-    dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2)
-)
-_PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + [_PROBS_FIXED])
-_PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + [_PROBS_FIXED])
+PROBS_GPU_FIXED = (dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),) * 2
+_PROBS_FIXED = [config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else c) for c in PROBS_GPU_FIXED]
+_PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
+_PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 
 _GEMM = _kernel(_gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "TUNE_KEY"])
-_GEMM_TUNED = _tuner(
+_GEMM_TUNED = tuner(
     _GEMM[0],
     ["TUNE_KEY", "NO"],
     [
-        dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=3),
-        dict(BM=128, BN=256, BK=32, GROUP_M=8, warps=8, stages=3),
-        dict(BM=64, BN=256, BK=32, GROUP_M=8, warps=4, stages=4),
-        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3),
+        dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=3, archs=(90,)),
+        dict(BM=128, BN=256, BK=32, GROUP_M=8, warps=8, stages=3, archs=(90,)),
+        dict(BM=64, BN=256, BK=32, GROUP_M=8, warps=4, stages=4, archs=(90,)),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3, archs=(90,)),
         dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=4),
     ],
     [
-        dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
-        dict(BM=64, BN=128, BK=16, GROUP_M=8, warps=4, stages=3),
-        dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3),
+        dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=2),
     ],
     "b_ptr",
     restore_value=["c_ptr"],  # ACCUMULATE reads c: tuning runs must not add up
 )
-_GEMM_FIXED = _config(
-    dict(BM=16, BN=32, BK=16, GROUP_M=2) if _INTERPRET else dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3)
+GEMM_GPU_FIXED = (
+    dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3),
+    dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=2),
 )
+_GEMM_FIXED = [config(dict(BM=16, BN=32, BK=16, GROUP_M=2) if _INTERPRET else c) for c in GEMM_GPU_FIXED]
 
 # ----------------------------------------------------------------------------- launchers
 
 _ROW_BM = 16  # rows per program of the row-wise kernels (x 256 columns: no register spills on sm_90)
-_ROW_BD = 32 if _INTERPRET else 256
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 operands: F32_DOT (the interpreter computes in float32 whatever is asked). 16-bit
-    # operands ignore it (exact products, float32 accumulation).
-    return F32_DOT if dtype == torch.float32 else "tf32"
+ROW_GPU_BD = 256
+_ROW_BD = 32 if _INTERPRET else ROW_GPU_BD
 
 
 def _inv_norms(x: torch.Tensor):
     n, d = x.shape
     r = torch.empty(n, dtype=torch.float32, device=x.device)
     w = torch.empty(n, dtype=torch.float32, device=x.device)
-    _inv_norm_kernel[(triton.cdiv(n, _ROW_BM),)](x, r, w, n, d, x.stride(0), EPS=NORM_EPS, BM=_ROW_BM, BD=_ROW_BD)
+    _inv_norm_kernel[(triton.cdiv(n, _ROW_BM),)](
+        x_ptr=x, r_ptr=r, w_ptr=w, N=n, D=d, stride_x=x.stride(0), EPS=NORM_EPS, BM=_ROW_BM, BD=_ROW_BD
+    )
     return r, w
 
 
@@ -575,42 +541,41 @@ def _forward_stats(x, t, rx, rt, scale):
     row_ls = torch.empty(n, dtype=f32, device=dev)
     col_m = col_ls = None
     diag = torch.empty(n, dtype=f32, device=dev)
-    chunk = max(1, FWD_PARTIAL_BUDGET // n) * FWD_BM
-    prec = _dot_precision(x.dtype)
+    single = x.dtype == torch.float32
+    bm = FWD_BM[single]
+    chunk = max(1, FWD_PARTIAL_BUDGET // n) * bm
+    prec = dot_precision(x.dtype)
     big = n * n * d >= AUTOTUNE_MIN_WORK
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        blocks = triton.cdiv(r1 - r0, FWD_BM)
+        blocks = triton.cdiv(r1 - r0, bm)
         splits = _fwd_splits(blocks, n, dev)
         rm = torch.empty((splits, r1 - r0), dtype=f32, device=dev)
         rl = torch.empty((splits, r1 - r0), dtype=f32, device=dev)
         cm = torch.empty((blocks + (col_m is not None), n), dtype=f32, device=dev)
         cl = torch.empty_like(cm)
-        _launch(
-            _FWD,
+        stats = dict(row_m_ptr=rm, row_ls_ptr=rl, col_m_ptr=cm, col_ls_ptr=cl, diag_ptr=diag)
+        launch(
+            _FWD[1],
             _FWD_TUNED,
-            _FWD_FIXED,
+            _FWD_FIXED[single],
             (splits, blocks),
             big,
-            x,
-            t,
-            rx,
-            rt,
-            scale,
-            rm,
-            rl,
-            cm,
-            cl,
-            diag,
-            r0,
-            r1,
-            n,
-            d,
-            x.stride(0),
-            t.stride(0),
-            splits,
-            _bucket(n),
-            BM=FWD_BM,
+            x_ptr=x,
+            t_ptr=t,
+            rx_ptr=rx,
+            rt_ptr=rt,
+            scale_ptr=scale,
+            **stats,
+            row0=r0,
+            row_end=r1,
+            N=n,
+            D=d,
+            stride_x=x.stride(0),
+            stride_t=t.stride(0),
+            n_splits=splits,
+            TUNE_KEY=_bucket(n),
+            BM=bm,
             DOT_PREC=prec,
         )
         row_m[r0:r1], row_ls[r0:r1] = _merge(rm, rl, 0)
@@ -627,34 +592,46 @@ def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, accumulate, big):
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(no, meta["BN"]),)
 
-    _launch(
-        _GEMM,
+    launch(
+        _GEMM[1],
         _GEMM_TUNED,
-        _GEMM_FIXED,
+        _GEMM_FIXED[b.dtype == torch.float32],
         grid,
         big,
-        a,
-        kv,
-        b,
-        c,
-        m,
-        no,
-        k,
-        stride_am,
-        stride_ak,
-        b.stride(0),
-        c.stride(0),
-        _bucket(m) * 64 + _bucket(k),
+        a_ptr=a,
+        kv_ptr=kv,
+        b_ptr=b,
+        c_ptr=c,
+        M=m,
+        NO=no,
+        K=k,
+        stride_am=stride_am,
+        stride_ak=stride_ak,
+        stride_bk=b.stride(0),
+        stride_cm=c.stride(0),
+        TUNE_KEY=_bucket(m) * 64 + _bucket(k),
         ACCUMULATE=accumulate,
         MODE=mode,
-        DOT_PREC=_dot_precision(b.dtype),
+        DOT_PREC=dot_precision(b.dtype),
     )
 
 
 def _finish(u, v, r, w, coef, out):
     n, d = v.shape
     _normalize_bwd_kernel[(triton.cdiv(n, _ROW_BM),)](
-        u, v, r, w, coef, out, n, d, u.stride(0), v.stride(0), out.stride(0), BM=_ROW_BM, BD=_ROW_BD
+        u_ptr=u,
+        v_ptr=v,
+        r_ptr=r,
+        w_ptr=w,
+        coef_ptr=coef,
+        out_ptr=out,
+        n_rows=n,
+        D=d,
+        stride_u=u.stride(0),
+        stride_v=v.stride(0),
+        stride_o=out.stride(0),
+        BM=_ROW_BM,
+        BD=_ROW_BD,
     )
 
 
@@ -691,7 +668,8 @@ class _ContrastiveLoss(torch.autograd.Function):
         h = torch.empty((rows, n), dtype=f32, device=dev)
         u = torch.empty((rows, d), dtype=f32, device=dev) if need_x else None
         ds_parts = []
-        prec = _dot_precision(x.dtype)
+        stats_kw = dict(zip(("row_m_ptr", "row_ls_ptr", "col_m_ptr", "col_ls_ptr"), stats))
+        prec = dot_precision(x.dtype)
         big = n * n * d >= AUTOTUNE_MIN_WORK
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
@@ -703,28 +681,28 @@ class _ContrastiveLoss(torch.autograd.Function):
             def grid(meta, m=m):
                 return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
 
-            _launch(
-                _PROBS,
+            launch(
+                _PROBS[1],
                 _PROBS_TUNED,
-                _PROBS_FIXED,
+                _PROBS_FIXED[x.dtype == torch.float32],
                 grid,
                 big,
-                x,
-                t,
-                rx,
-                rt,
-                scale,
-                *stats,
-                h,
-                ds,
-                r0,
-                m,
-                n,
-                d,
-                x.stride(0),
-                t.stride(0),
-                h.stride(0),
-                _bucket(m) * 64 + _bucket(n),
+                x_ptr=x,
+                t_ptr=t,
+                rx_ptr=rx,
+                rt_ptr=rt,
+                scale_ptr=scale,
+                **stats_kw,
+                h_ptr=h,
+                ds_ptr=ds,
+                row0=r0,
+                n_rows=m,
+                N=n,
+                D=d,
+                stride_x=x.stride(0),
+                stride_t=t.stride(0),
+                stride_h=h.stride(0),
+                TUNE_KEY=_bucket(m) * 64 + _bucket(n),
                 DOT_PREC=prec,
             )
             ds_parts.append(ds.sum())

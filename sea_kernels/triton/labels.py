@@ -9,16 +9,25 @@ the inverse norms of the rows and of the vocabulary entries, which a cheap pre-p
 (``M + q`` floats), giving the cosines (negated when ``NEGATE``). Only a running top-``K_PAD`` per
 row lives on: the ``(M, q)`` score matrix never exists.
 
-The running top-k follows the streaming top-k of ``triton_kernels``: every score becomes a uint64
-key, the order-preserving integer image of its float32 bits in the high 32 bits and
-``2**31 - 1 - index`` in the low 32 bits, so keys order like ``(score, -index)`` (equal scores:
-smaller index first) and masked entries are key 0, below every real score. Per tile, a bitonic
-top-k (``_topk_rows``, as ``tl.topk``) gives the tile's best ``K_PAD`` keys in descending order;
-the running list, re-sorted ascending by a bitonic merge (``_sort_bitonic_rows``, as
-``tl.bitonic_merge``), is merged with them by an elementwise maximum, which holds the ``K_PAD``
-largest keys of both as a bitonic sequence. ``K_PAD`` is ``k`` rounded up to a power of two; the
-extra columns are cut at the end. (The bitonic networks are ``triton.language.standard``'s, with
-one change that keeps the interpreter fast; see ``_bitonic_pass``.)
+The running top-k is cheap because after the first tiles almost no score enters it. Each row keeps
+its best ``K_PAD`` scores so far, unsorted, as ``(score float32, index int32)`` register lists and
+their minimum ``kth``. Per tile, after the dot: one row maximum of the tile's scores; only while
+some row's maximum beats its ``kth`` (strictly: the vocabulary streams in index order, so an equal
+later score loses the tie) does the program extract each row's best remaining entry (ties: the
+smaller index), let it replace that row's worst entry (of equal scores, the larger index) and
+update ``kth``. The first tile takes ``K_PAD`` such steps; later ones typically one or none for the
+whole program, instead of a bitonic top-k of every tile (~115k compare-and-swaps of 64-bit keys per
+64 x 128 tile, several times the tensor-core time of its dot). At the end each list is sorted once
+(a bitonic sort, ``_topk_rows``, of uint64 keys: the order-preserving integer image of the float32
+score high, ``2**31 - 1 - index`` low, so keys order like ``(score, -index)``). ``K_PAD`` is ``k``
+rounded up to a power of two; the extra columns are cut at the end. (The bitonic network is
+``triton.language.standard``'s, with one change that keeps the interpreter fast; see
+``_bitonic_pass``.)
+
+Grid order: every program streams the vocabulary from its first tile in the same order, so the
+programs running at the same time read the same vocabulary tiles at about the same time (from L2:
+one pass over the vocabulary per wave of programs, not per row block). Tiles: 128 x 128 x 64 with
+8 warps on Hopper for 16-bit operands (wgmma, float32 accumulation); see ``HALF_CONFIGS``.
 
 Epilogues (``SAMPLE`` constexpr):
 
@@ -31,10 +40,13 @@ Epilogues (``SAMPLE`` constexpr):
   over the chosen patch's positive candidates, as in the op contract, and stores only
   ``(patch, label, score, valid)``.
 
-Sizes beyond the register budget of the kernel (``k > 128``, or ``window > 8`` for
+Sizes beyond the register budget of the kernel (``k > 32``, or ``window > 8`` for
 ``patch_labels``) take a bounded-memory PyTorch path (row chunks; see ``_chunked_topk``).
-float64 inputs are computed in float32; bfloat16 under the interpreter is cast to float32
-(exact), since the interpreter's ``tl.dot`` has no bfloat16.
+Operands: patches and vocabulary of one dtype run in it (16-bit: tensor cores); mixed dtypes are
+computed in float32 (``SEAAlignmentLoss`` and ``SEAModel`` cast the vocabulary to the patches'
+16-bit dtype once, so the trainer's call is 16-bit x 16-bit). float64 inputs are computed in
+float32; bfloat16 under the interpreter is cast to float32 (exact), since the interpreter's
+``tl.dot`` has no bfloat16.
 """
 
 from __future__ import annotations
@@ -44,10 +56,10 @@ import triton
 import triton.language as tl
 
 from .._common import NORM_EPS
-from .._common import triton_interpret as _interpreting
 from ..labels import cosine_topk_reference, num_windows, sample_windows
+from ._common import INTERPRET, arch_of, config, dot_precision, for_arch, launch, tuner
 
-MAX_K_PAD = 128  # largest padded k the kernel keeps in registers
+MAX_K_PAD = 32  # largest padded k the kernel keeps in registers (64 spills on sm_80)
 MAX_WW_PAD = 64  # largest padded window area of the fused patch_labels kernel
 AUTOTUNE_MIN_SCORES = 1 << 24  # smaller calls (rows x q) run the first fitting config, untuned
 
@@ -117,14 +129,6 @@ def _topk_rows(x, K: tl.constexpr):
 
 
 @triton.jit
-def _sort_bitonic_rows(x, DESCENDING: tl.constexpr):
-    """Sort rows of ``x`` ``(R, K)`` that are bitonic sequences (``tl.bitonic_merge``)."""
-    h = tl.reshape(x, [2] * _log2(x.numel))
-    h = _bitonic_pass(h, _log2(x.shape[1]), DESCENDING)
-    return tl.reshape(h, x.shape)
-
-
-@triton.jit
 def _stream_topk(
     X,
     V,
@@ -135,7 +139,6 @@ def _stream_topk(
     Q,
     D,
     stride_v,
-    NEGATE: tl.constexpr,
     K_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -143,14 +146,18 @@ def _stream_topk(
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Top ``K_PAD`` cosines of each row against the vocabulary, sorted descending.
+    """Top ``K_PAD`` scores ``dot * inv_x * inv_v`` of each row against the vocabulary, sorted descending.
 
-    ``x_off`` (int64 element offsets of the rows in ``X``), ``inv_x`` (their inverse norms) and
-    ``row_ok`` are ``(BLOCK_M,)``. Returns ``(values float32, indices int64)``, ``(BLOCK_M, K_PAD)``.
+    ``x_off`` (int64 element offsets of the rows in ``X``), ``inv_x`` (their inverse norms, negated
+    for ``negate``) and ``row_ok`` are ``(BLOCK_M,)``. Returns ``(values float32, indices int64)``,
+    ``(BLOCK_M, K_PAD)``. See the module docstring for the running top-k.
     """
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + x_off[:, None] + offs_k[None, :]
-    top = tl.zeros([BLOCK_M, K_PAD], dtype=tl.uint64)  # key 0: below every real score
+    slot = tl.arange(0, K_PAD)
+    top_s = tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32)
+    top_i = tl.zeros([BLOCK_M, K_PAD], tl.int32) + Q + slot[None, :]  # empty slots: distinct, past the vocabulary
+    kth = tl.full([BLOCK_M], float("-inf"), tl.float32)  # each row's K_PAD-th best so far (min of top_s)
     for n0 in range(0, Q, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Q
@@ -166,13 +173,20 @@ def _stream_topk(
                 v = tl.load(v_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             dots = tl.dot(x, tl.trans(v), dots, input_precision=DOT_PRECISION)
         inv_v = tl.load(INV_V + offs_n, mask=n_ok, other=0.0)
-        s = dots * inv_x[:, None] * inv_v[None, :]
-        if NEGATE:
-            s = -s
-        keys = tl.where(n_ok[None, :], _score_key(s, offs_n[None, :]), 0)
-        top = _sort_bitonic_rows(top, 0)  # ascending
-        top = tl.maximum(top, _topk_rows(keys, K_PAD))  # best K_PAD of both, a bitonic sequence
-    top = _sort_bitonic_rows(top, 1)
+        s = tl.where(row_ok[:, None] & n_ok[None, :], dots * inv_x[:, None] * inv_v[None, :], float("-inf"))
+        best = tl.max(s, axis=1)
+        # merge only while some row has a score above its k-th best (after the first tiles: rarely, once)
+        while tl.max((best > kth).to(tl.int32), axis=0) > 0:
+            j = tl.min(tl.where(s == best[:, None], offs_n[None, :], 2147483647), axis=1)  # ties: smaller index
+            worst = top_s == kth[:, None]  # evict the k-th best: of equal scores, the larger index
+            worst = worst & (top_i == tl.max(tl.where(worst, top_i, -1), axis=1)[:, None])
+            put = worst & (best > kth)[:, None]
+            top_s = tl.where(put, best[:, None], top_s)
+            top_i = tl.where(put, j[:, None], top_i)
+            kth = tl.min(top_s, axis=1)
+            s = tl.where(offs_n[None, :] == j[:, None], float("-inf"), s)
+            best = tl.max(s, axis=1)
+    top = _topk_rows(_score_key(top_s, top_i), K_PAD)  # sorted descending (ties: smaller index first)
     return _key_score(top)
 
 
@@ -234,23 +248,10 @@ def _labels_kernel(
         img = tl.zeros_like(p)
     x_off = img.to(tl.int64) * stride_b + p.to(tl.int64) * stride_p
     inv_x = tl.load(INV_X + img.to(tl.int64) * P + p, mask=row_ok, other=0.0)
+    if NEGATE:
+        inv_x = -inv_x  # scores -cos: the sign is exact in every product
     vals, idx = _stream_topk(
-        X,
-        V,
-        INV_V,
-        x_off,
-        inv_x,
-        row_ok,
-        Q,
-        D,
-        stride_v,
-        NEGATE,
-        K_PAD,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-        DOT_PRECISION,
+        X, V, INV_V, x_off, inv_x, row_ok, Q, D, stride_v, K_PAD, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION
     )
     j = tl.arange(0, K_PAD)
 
@@ -292,60 +293,58 @@ def _labels_kernel(
         tl.store(OUT_OK + w, valid.to(tl.int8), mask=w_ok)
 
 
-# ----------------------------------------------------------------------------- launch
+# ----------------------------------------------------------------------------- configs and launch
+
+# 16-bit operands: Hopper tiles for wgmma (fp32 accumulators); float32 operands ("ieee" dots on CUDA
+# cores): smaller. Each list ends with a config that fits every K_PAD <= MAX_K_PAD and WW_PAD <=
+# MAX_WW_PAD on every arch (the untuned default when no earlier one fits). ``archs``: the compute
+# capabilities a config is for (128 x 128 spills registers on sm_80). tests/test_compile_gate.py
+# compiles them all for sm_80 and sm_90 without spills.
+HALF_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8, stages=3, archs=(90,)),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8, stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=8, stages=3),
+]
+SINGLE_CONFIGS = [
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, warps=4, stages=2),
+]
+LIST_REGISTERS = 64  # 32-bit registers per thread for the running (score, index) lists
 
 
-def _hopper_configs() -> list[triton.Config]:
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). For sm_90 at k <= 16 all compile without register
-    # spills (ptxas -v); (32, 128) keeps k up to 128 spill-free; (64, 128), the untuned default,
-    # fits every k and window the kernel takes. Few configs: each costs a compile when tuning.
-    shapes = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 8, 3)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
-    ]
+def fits(cfg: triton.Config, K_PAD: int, WW_PAD: int, **_) -> bool:
+    """Whole windows per program (``BLOCK_M >= WW_PAD``) and running lists within ``LIST_REGISTERS``."""
+    m = cfg.kwargs["BLOCK_M"]
+    return m >= WW_PAD and 2 * m * K_PAD <= LIST_REGISTERS * 32 * cfg.num_warps
 
 
-def _prune(configs, named_args, **kwargs):
-    """Tiles must hold the padded k (``BLOCK_N >= K_PAD``) and whole windows (``BLOCK_M >= WW_PAD``).
-
-    ``(64, 128)`` always fits within ``MAX_K_PAD`` and ``MAX_WW_PAD``.
-    """
-    k_pad, ww_pad = kwargs["K_PAD"], kwargs["WW_PAD"]
-    return [c for c in configs if c.kwargs["BLOCK_N"] >= k_pad and c.kwargs["BLOCK_M"] >= ww_pad]
+_kernel = triton.heuristics({"EVEN_K": lambda a: a["D"] % a["BLOCK_K"] == 0})(_labels_kernel)
+_tuned = tuner(_kernel, ["Q", "D", "K_PAD", "SAMPLE", "WW_PAD"], HALF_CONFIGS, SINGLE_CONFIGS, "X", fits=fits)
 
 
-_tuned_kernel = triton.autotune(
-    configs=_hopper_configs(),
-    key=["Q", "D", "K_PAD", "SAMPLE", "WW_PAD"],
-    prune_configs_by={"early_config_prune": _prune},
-)(triton.heuristics({"EVEN_K": lambda a: a["D"] % a["BLOCK_K"] == 0})(_labels_kernel))
+def fixed_config(dtype: torch.dtype, k_pad: int, ww_pad: int, arch: int) -> triton.Config:
+    """The untuned config: the first that fits (the interpreter: small tiles, fast in NumPy)."""
+    if INTERPRET:
+        return config(dict(BLOCK_M=max(32, ww_pad), BLOCK_N=32, BLOCK_K=32))
+    configs = _tuned.single_configs if dtype == torch.float32 else _tuned.half_configs
+    return next(c for c in configs if for_arch(c, arch) and fits(c, k_pad, ww_pad))
 
 
-def _launch(n_units: int, rows_per_unit: int, n_scores: int, d: int, *args, **const) -> None:
+def _launch(n_units: int, rows_per_unit: int, n_scores: int, **kwargs) -> None:
     """Run the kernel over ``n_units`` row groups (rows for cosine_topk, windows for patch_labels).
 
-    Autotuned on a GPU for large calls (``n_scores`` = rows x q); small calls take one fixed
-    config (tuning them would cost more than it saves), and so does the interpreter, with small tiles.
+    Autotuned on a GPU for large calls (``n_scores`` = rows x q); smaller ones take the fixed config.
     """
-    if not _interpreting() and n_scores >= AUTOTUNE_MIN_SCORES:
-        grid = lambda meta: (triton.cdiv(n_units, meta["BLOCK_M"] // rows_per_unit),)  # noqa: E731
-        _tuned_kernel[grid](*args, **const)
-        return
-    if _interpreting():
-        cfg = triton.Config({"BLOCK_M": max(32, rows_per_unit), "BLOCK_N": max(32, const["K_PAD"]), "BLOCK_K": 32})
-    else:
-        cfg = _prune(_hopper_configs(), None, **const)[0]
-    bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-    grid = (triton.cdiv(n_units, bm // rows_per_unit),)
-    _labels_kernel[grid](
-        *args, **const, **cfg.kwargs, EVEN_K=d % bk == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-    )
+    x = kwargs["X"]
+    kwargs.update(DOT_PRECISION=dot_precision(x.dtype), INV_X=_inv_norm(x), INV_V=_inv_norm(kwargs["V"]))
+    fixed = fixed_config(x.dtype, kwargs["K_PAD"], kwargs["WW_PAD"], arch_of(x))
+    grid = lambda meta: (triton.cdiv(n_units, meta["BLOCK_M"] // rows_per_unit),)
+    launch(_kernel, _tuned, fixed, grid, n_scores >= AUTOTUNE_MIN_SCORES, **kwargs)
 
 
 def _operands(patches: torch.Tensor, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both operands in one kernel dtype (fp16/bf16/fp32), unit stride along the features."""
     dtype = patches.dtype if patches.dtype == vocab.dtype else torch.float32
-    if dtype == torch.float64 or (dtype == torch.bfloat16 and _interpreting()):
+    if dtype == torch.float64 or (dtype == torch.bfloat16 and INTERPRET):
         dtype = torch.float32
     patches, vocab = patches.to(dtype), vocab.to(dtype)
     if patches.stride(-1) != 1:
@@ -367,10 +366,6 @@ def _chunked_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bo
     return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    return "ieee" if dtype == torch.float32 else None  # float32 must not be rounded to tf32
-
-
 # ----------------------------------------------------------------------------- public backend functions
 
 
@@ -385,42 +380,10 @@ def cosine_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool
     if k_pad > MAX_K_PAD:
         return _chunked_topk(patches, vocab, k, negate)
     x, v = _operands(patches, vocab)
-    _launch(
-        m,
-        1,
-        m * q,
-        d,
-        x,
-        v,
-        _inv_norm(x),
-        _inv_norm(v),
-        values,
-        indices,
-        None,
-        None,
-        None,
-        None,
-        None,
-        m,
-        q,
-        d,
-        k,
-        0,
-        x.stride(0),
-        v.stride(0),
-        0,
-        1,
-        1,
-        1,
-        1,
-        1,
-        NEGATE=negate,
-        SAMPLE=False,
-        K_PAD=k_pad,
-        WIN=1,
-        WW_PAD=1,
-        DOT_PRECISION=_dot_precision(x.dtype),
-    )
+    rows = dict(M=m, stride_b=0, stride_p=x.stride(0), P=0, H=1, W=1, NWX=1, NW=1, G=1)
+    outputs = dict(OUT_V=values, OUT_I=indices, U=None, OUT_P=None, OUT_L=None, OUT_S=None, OUT_OK=None)
+    const = dict(NEGATE=negate, SAMPLE=False, K_PAD=k_pad, WIN=1, WW_PAD=1)
+    _launch(m, 1, m * q, X=x, V=v, Q=q, D=d, K=k, stride_v=v.stride(0), **rows, **outputs, **const)
     return values, indices
 
 
@@ -436,48 +399,16 @@ def patch_labels(patches, vocab, grid, top_n, window, negate, uniforms):
         values, indices = cosine_topk(patches.reshape(b * p, d), vocab, top_n, negate)
         return tuple(sample_windows(values.view(b, p, -1), indices.view(b, p, -1), grid, window, uniforms))
     dev = patches.device
-    out_p = torch.empty((b, nw), dtype=torch.int64, device=dev)
-    out_l = torch.empty((b, nw), dtype=torch.int64, device=dev)
-    out_s = torch.empty((b, nw), dtype=torch.float32, device=dev)
-    out_ok = torch.empty((b, nw), dtype=torch.int8, device=dev)
-    if b * nw == 0:
-        return out_p, out_l, out_s, out_ok.bool()
-    x, v = _operands(patches, vocab)
-    u = uniforms.float().contiguous()
-    _launch(
-        b * nw,
-        ww_pad,
-        b * p * q,
-        d,
-        x,
-        v,
-        _inv_norm(x),
-        _inv_norm(v),
-        None,
-        None,
-        u,
-        out_p,
-        out_l,
-        out_s,
-        out_ok,
-        b * p,
-        q,
-        d,
-        top_n,
-        x.stride(0),
-        x.stride(1),
-        v.stride(0),
-        p,
-        h,
-        w,
-        -(-w // window),
-        nw,
-        b * nw,
-        NEGATE=negate,
-        SAMPLE=True,
-        K_PAD=k_pad,
-        WIN=window,
-        WW_PAD=ww_pad,
-        DOT_PRECISION=_dot_precision(x.dtype),
+    out = dict(
+        OUT_P=torch.empty((b, nw), dtype=torch.int64, device=dev),
+        OUT_L=torch.empty((b, nw), dtype=torch.int64, device=dev),
+        OUT_S=torch.empty((b, nw), dtype=torch.float32, device=dev),
+        OUT_OK=torch.empty((b, nw), dtype=torch.int8, device=dev),
     )
-    return out_p, out_l, out_s, out_ok.bool()
+    if b * nw > 0:
+        x, v = _operands(patches, vocab)
+        rows = dict(M=b * p, stride_b=x.stride(0), stride_p=x.stride(1), P=p, H=h, W=w, NWX=-(-w // window), NW=nw)
+        rows.update(G=b * nw, OUT_V=None, OUT_I=None, U=uniforms.float().contiguous())
+        const = dict(NEGATE=negate, SAMPLE=True, K_PAD=k_pad, WIN=window, WW_PAD=ww_pad)
+        _launch(b * nw, ww_pad, b * p * q, X=x, V=v, Q=q, D=d, K=top_n, stride_v=v.stride(0), **rows, **out, **const)
+    return out["OUT_P"], out["OUT_L"], out["OUT_S"], out["OUT_OK"].bool()

@@ -1,0 +1,83 @@
+"""What the Triton kernels share: the dot precision, the config lists and the one launcher.
+
+Every kernel is launched by keyword through :func:`launch`: autotuned over its config list on a GPU
+for large calls, otherwise one fixed config (small calls would spend more on tuning than they save,
+and the interpreter runs whatever it is given). ``tests/test_compile_gate.py`` compiles every config
+either path can launch for sm_80 and sm_90 (:func:`launchable` lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+
+from .._common import triton_interpret
+
+INTERPRET = triton_interpret()
+# input_precision of tl.dot for float32 operands: "ieee" (CUDA cores, as the eager reference's float32
+# matmuls; "tf32" would round the inputs to 10-bit mantissas). Module attribute so that a caller can
+# choose "tf32x3" (three TF32 products, close to float32; its 2x-reference accuracy is unverified).
+F32_DOT = "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``.
+
+    float32: ``F32_DOT``. 16-bit operands ignore it (their products are exact in the float32
+    accumulator); "tf32" is Triton's default. The interpreter computes every dot in float32.
+    """
+    return F32_DOT if dtype == torch.float32 else "tf32"
+
+
+def config(c: dict) -> triton.Config:
+    """``triton.Config`` from a dict with the block sizes and optional ``warps`` / ``stages`` / ``archs``
+    (the compute capabilities it is for, e.g. ``(90,)`` for a tile that spills registers on sm_80)."""
+    c = dict(c)
+    warps, stages, archs = c.pop("warps", 4), c.pop("stages", 1), c.pop("archs", None)
+    cfg = triton.Config(c, num_warps=warps, num_stages=stages)
+    cfg.archs = archs
+    return cfg
+
+
+def for_arch(cfg: triton.Config, arch: int) -> bool:
+    """Whether ``cfg`` may run on compute capability ``arch`` (``major * 10 + minor``)."""
+    return getattr(cfg, "archs", None) is None or arch in cfg.archs
+
+
+def arch_of(t: torch.Tensor) -> int:
+    """Compute capability of the GPU holding ``t`` (``major * 10 + minor``); 0 off CUDA."""
+    if t.device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return major * 10 + minor
+
+
+def tuner(kernel, key: list[str], half: list[dict], single: list[dict], dtype_arg: str, fits=None, **kwargs):
+    """An autotuner over ``half`` (16-bit operands: tensor-core tiles) and ``single`` (float32 operands)
+    configs, pruned to the operand dtype of ``dtype_arg`` and by ``fits(config, **constexprs)``."""
+    half, single = [config(c) for c in half], [config(c) for c in single]
+    ids = {id(c) for c in single}
+
+    def prune(configs, named_args, **kw):
+        x = named_args[dtype_arg]
+        want, arch = x.dtype == torch.float32, arch_of(x)
+        keep = [c for c in configs if (id(c) in ids) == want and for_arch(c, arch)]
+        return [c for c in keep if fits is None or fits(c, **kw)]
+
+    tuned = triton.autotune(half + single, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)(kernel)
+    tuned.half_configs, tuned.single_configs = half, single
+    return tuned
+
+
+def launch(kernel, tuned, fixed: triton.Config, grid: Callable | tuple, big: bool, **kwargs) -> None:
+    """Run ``tuned`` (an autotuner over ``kernel``) when ``big`` on a GPU; else ``kernel`` with ``fixed``.
+
+    ``grid`` is a tuple or a function of the config's block sizes; every argument goes by keyword.
+    """
+    if big and not INTERPRET:
+        tuned[grid](**kwargs)
+        return
+    g = grid(fixed.kwargs) if callable(grid) else grid
+    kernel[g](**kwargs, **fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
