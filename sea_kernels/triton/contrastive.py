@@ -49,7 +49,7 @@ Precision: ``H`` stays float32. bfloat16 inputs: the GEMMs split ``a = H * q`` i
 float16 inputs: ``a`` is split into TF32 ``hi + lo`` (bit mask) against float16 converted to
 float32 (exact in TF32), because float16's exponent range would flush small ``a`` (TF32 runs at
 half the float16 rate: the float16 backward products cost twice the bfloat16 ones). float32
-inputs: IEEE float32 products (``_common.F32_DOT = "ieee"``, CUDA cores: about the speed of the reference's
+inputs: IEEE float32 products (``_launch.F32_DOT = "ieee"``, CUDA cores: about the speed of the reference's
 float32 matmuls, with O(N) memory); ``"tf32x3"`` is faster and close to, but not provably within
 2x of, float32 (unverified). Accumulation is float32 everywhere. float64 inputs run the reference backend
 (no float64 kernels).
@@ -70,8 +70,8 @@ import triton.language as tl
 
 from .._common import NORM_EPS
 from ..contrastive import contrastive_loss_reference
-from ._common import INTERPRET as _INTERPRET
-from ._common import config, dot_precision, launch, tuner
+from ._launch import INTERPRET as _INTERPRET
+from ._launch import config, dot_precision, launch, tuner
 
 # Memory knobs (module attributes so that tests can force several chunks on small inputs).
 FWD_PARTIAL_BUDGET = 1 << 24  # float32 column partials per forward launch (64 MiB)
@@ -426,7 +426,7 @@ def _normalize_bwd_kernel(
 
 # Each kernel: Hopper candidates for 16-bit inputs (tensor cores) and for float32 inputs (IEEE
 # products on CUDA cores want smaller tiles), pruned by the input dtype (and ``archs``, see
-# ``_common.config``) before tuning. tests/test_compile_gate.py compiles them for sm_80 and sm_90:
+# ``_launch.config``) before tuning. tests/test_compile_gate.py compiles them for sm_80 and sm_90:
 # within shared memory and without register spills (scripts: sea_kernels/triton/aot.py).
 
 

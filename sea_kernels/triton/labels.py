@@ -57,7 +57,7 @@ import triton.language as tl
 
 from .._common import NORM_EPS
 from ..labels import cosine_topk_reference, num_windows, sample_windows
-from ._common import INTERPRET, arch_of, config, dot_precision, for_arch, launch, tuner
+from ._launch import INTERPRET, arch_of, config, dot_precision, for_arch, launch, tuner
 
 MAX_K_PAD = 32  # largest padded k the kernel keeps in registers (64 spills on sm_80)
 MAX_WW_PAD = 64  # largest padded window area of the fused patch_labels kernel
