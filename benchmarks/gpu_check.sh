@@ -1,50 +1,51 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU machine, under 8 minutes in all:
-#   1. environment report (GPU, driver, clocks, torch, triton, transformers, open_clip, git revision);
-#   2. every Triton kernel compiled for the real GPU and checked against the reference: the Triton test
-#      files (no interpreter), then at full size: cosine_topk / patch_labels on 32 x 576 patches against
-#      41,242 words (bf16 and fp16), contrastive_loss N = 4608, D = 4096 (bf16, against float64);
-#   3. sea bench --sizes full --device cuda: time (CUDA events), extra peak memory, TFLOP/s and share of
-#      a matmul of the same shape, ratios to the reference, and the Stage-1 step at LLaVA-1.5-7B shapes
-#      (SEA off / reference / fused; 4 Llama-7B layers measured, 32 modelled).
-# Usage (from the repository root): benchmarks/gpu_check.sh OUTDIR [--quick]
-# Runs from the checkout without installing (PYTHONPATH=.); needs torch, triton, transformers (open_clip
-# is optional: without it the Stage-1 step uses a plain-PyTorch CLIP ViT-L/14-336 stand-in).
-# Writes OUTDIR/gpu_check.log (everything printed), OUTDIR/checks/{labels,contrastive}.json and
-# OUTDIR/bench/{bench.json,table.md,<op>.png}; table and plots can be redrawn from bench.json with
-#   python -m sea_kernels.bench.report OUTDIR/bench/bench.json
-# Keep the results in benchmarks/results/<date>-<card>/ (the last line names the folder).
+# One prepared script for a lent GPU machine: one call of at most 8 minutes from a cold Triton cache, on
+# the GPU image (torch 2.11.0, triton 3.6.0, transformers, pytest-xdist; no open_clip_torch, no wordfreq).
+#   1. environment (GPU, driver, versions, git revision);
+#   2. the Triton test files on the GPU, in parallel (pytest-xdist: the kernels compile in parallel
+#      workers): the small-size tests against the reference, the op contract tests, and
+#      tests/test_triton_gpu.py: full-size labels (18,432 x 41,242 x 768 bf16/fp16 and the trainer's
+#      mixed call) and loss (N = 4608, D = 4096 bf16 vs float64) checks, and a Stage-1 step with the LM's
+#      attention forced onto FlashAttention (flash-attn if installed, else SDPA's flash backend only);
+#   3. sea bench --sizes quick --device cuda (the project's benchmark engine): labels at b32 and as the
+#      trainer calls it, the loss at N = 4608, the LLaVA-7B-shaped Stage-1 step;
+#   4. one summary table (benchmarks/gpu_summary.py): each check pass/fail, each benchmark with ratio
+#      and target, each step's time against its deadline.
+# Per-step deadlines (s): 20 + 210 + 210 + 20 = 460, under the 470 s total, under 8 minutes.
+# Usage (from the repository root): benchmarks/gpu_check.sh OUTDIR
+# Runs from the checkout without installing (PYTHONPATH=.). Writes OUTDIR/gpu_check.log (everything
+# printed, with a timing line per step), OUTDIR/tests.xml, OUTDIR/bench/{bench.json,table.md},
+# OUTDIR/steps.tsv and OUTDIR/summary.md. Keep them in benchmarks/results/<date>-<card>/.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--quick]}
-quick=${2:-}
-mkdir -p "$out/checks" "$out/bench"
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$out/bench"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 log="$out/gpu_check.log"
 : >"$log"
-status=0
-deadline=$((SECONDS + 460))  # leaves a margin under 8 minutes
+: >"$out/steps.tsv"
+deadline=$((SECONDS + 470))
+workers=$(python3 -c "import os; print(max(2, min(8, (os.cpu_count() or 2) // 2)))")
 
-# step BUDGET_S NAME COMMAND...: run with at most BUDGET_S seconds (less when the deadline is nearer)
+# step BUDGET_S NAME COMMAND...: run with at most BUDGET_S seconds (less when the total deadline is nearer)
 step() {
   local budget=$1 name=$2
   shift 2
   local left=$((deadline - SECONDS))
   ((budget > left)) && budget=$left
-  if ((budget < 15)); then
+  if ((budget < 10)); then
     echo "gpu_check: $name skipped (out of time)" | tee -a "$log"
-    status=1
+    printf '%s\t0\t%s\tskipped\n' "$name" "$budget" >>"$out/steps.tsv"
     return
   fi
-  echo "=== $name (at most ${budget}s)" | tee -a "$log"
+  echo "=== $name (deadline ${budget}s)" | tee -a "$log"
+  local t0=$SECONDS
   timeout "$budget" "$@" 2>&1 | tee -a "$log"
-  local rc=${PIPESTATUS[0]}
-  if ((rc != 0)); then
-    local why="exit $rc"
-    ((rc == 124)) && why="timed out after ${budget}s"
-    echo "gpu_check: $name failed ($why)" | tee -a "$log"
-    status=1
-  fi
+  local rc=${PIPESTATUS[0]} why=ok
+  ((rc == 124)) && why="timed out"
+  ((rc != 0 && rc != 124)) && why="exit $rc"
+  echo "=== $name: $((SECONDS - t0))s of ${budget}s, $why" | tee -a "$log"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$budget" "$why" >>"$out/steps.tsv"
 }
 
 environment() {
@@ -54,7 +55,7 @@ environment() {
   python3 - <<'PY'
 import importlib.metadata as m, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
-for name in ("triton", "transformers", "open_clip_torch", "tokenizers", "tqdm", "matplotlib"):
+for name in ("triton", "transformers", "flash-attn", "pytest-xdist", "open_clip_torch"):
     try:
         print(name, m.version(name))
     except m.PackageNotFoundError:
@@ -63,18 +64,16 @@ PY
 }
 
 export -f environment
-step 30 "environment" bash -c environment
-step 150 "Triton kernels: test files on the GPU" \
-  python3 -m pytest -q -p no:cacheprovider tests/test_triton_labels.py tests/test_triton_contrastive.py
-step 90 "full-size check: cosine_topk / patch_labels (triton vs reference)" \
-  python3 benchmarks/gpu_labels.py "$out/checks" --check-only $quick
-step 60 "full-size check: contrastive_loss (triton vs float64 reference)" \
-  python3 benchmarks/gpu_contrastive.py "$out/checks" --check-only
-sizes=full
-[ "$quick" = "--quick" ] && sizes=quick
-step 460 "sea bench --sizes $sizes --device cuda" \
-  python3 -m sea_model.cli bench --sizes "$sizes" --device cuda --out "$out/bench" --no-progress
-
+step 20 "environment" bash -c environment
+step 210 "tests on the GPU (pytest-xdist, $workers workers)" \
+  python3 -m pytest -q -p no:cacheprovider -n "$workers" --junitxml="$out/tests.xml" \
+  tests/test_triton_gpu.py tests/test_triton_labels.py tests/test_triton_contrastive.py \
+  tests/test_labels.py tests/test_contrastive.py
+step 210 "sea bench --sizes quick --device cuda" \
+  python3 -m sea_model.cli bench --sizes quick --device cuda --out "$out/bench" --no-progress
+echo "=== summary (deadline 20s)" | tee -a "$log"
+timeout 20 python3 benchmarks/gpu_summary.py "$out" | tee -a "$log"
+status=${PIPESTATUS[0]}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/-+$//')
-echo "gpu_check: done in ${SECONDS}s, status $status; results in $out: keep them as benchmarks/results/$(date -u +%Y-%m-%d)-${card:-gpu}/" | tee -a "$log"
+echo "gpu_check: done in ${SECONDS}s, status $status; keep $out as benchmarks/results/$(date -u +%Y-%m-%d)-${card:-gpu}/" | tee -a "$log"
 exit $status

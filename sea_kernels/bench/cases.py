@@ -40,6 +40,9 @@ LABELS_SIZES = {
     "medium": dict(b=2, p=256, q=8192, d=512),
     "full": dict(b=2, p=576, q=41242, d=768),  # LLaVA-1.5's 24 x 24 grid against the paper's vocabulary
     "b32": dict(b=32, p=576, q=41242, d=768),  # a LLaVA-1.5 stage-1 micro batch (32 images per device)
+    # the call as the trainer makes it: patches in the op dtype (bf16 under autocast on GPUs), the
+    # vocabulary stored in float32 and used through SEAAlignmentLoss's cached cast to the patches' dtype
+    "b32-trainer": dict(b=32, p=576, q=41242, d=768, vocab_dtype="float32"),
 }
 # loss: N pairs of dimension D.
 LOSS_SIZES = {
@@ -66,12 +69,12 @@ SIZE_NAMES = {
     "cuda": {
         "quick": {
             "topk": ["medium", "b32"],
-            "labels": ["medium", "b32"],
+            "labels": ["medium", "b32", "b32-trainer"],
             "loss": ["4608-d4096"],
         },
         "full": {
             "topk": ["medium", "full", "b32"],
-            "labels": ["medium", "full", "b32"],
+            "labels": ["medium", "full", "b32", "b32-trainer"],
             "loss": ["8k", "4608-d4096", "16k-d4096", "32k-d4096"],
         },
     },
@@ -127,7 +130,9 @@ class CaseSet:
         dtype = SHORT_DTYPES.get(params.get("dtype", "float32"), params.get("dtype"))
         if op == "loss":
             return f"N={params['n']} D={params['dim']} {dtype}"
-        return f"b={params['b']} p={params['p']} q={params['q']} d={params['d']} {dtype}"
+        vocab = params.get("vocab_dtype")
+        vocab = f" (vocab {SHORT_DTYPES.get(vocab, vocab)}, as the trainer)" if vocab else ""
+        return f"b={params['b']} p={params['p']} q={params['q']} d={params['d']} {dtype}{vocab}"
 
     def flops(self, op: str, params: dict) -> float | None:
         """The matrix-product work of one call (the basis of TFLOP/s), or None.
@@ -187,7 +192,9 @@ def _generator(device, seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------- topk / labels
 
 
-def labels_inputs(b: int, p: int, q: int, d: int, dtype: str = "float32", device="cpu", seed: int = 0):
+def labels_inputs(
+    b: int, p: int, q: int, d: int, dtype: str = "float32", device="cpu", seed: int = 0, vocab_dtype: str | None = None
+):
     """``(patches (b, p, d), vocab (q, d), uniforms (b, n_windows, 2))`` for a square grid and window 2."""
     from sea_kernels.labels import num_windows
 
@@ -196,7 +203,7 @@ def labels_inputs(b: int, p: int, q: int, d: int, dtype: str = "float32", device
         raise ValueError(f"labels cases use square grids; p = {p}")
     g = _generator(device, seed)
     patches = torch.randn(b, p, d, generator=g, device=device).to(DTYPES[dtype])
-    vocab = torch.randn(q, d, generator=g, device=device).to(DTYPES[dtype])
+    vocab = torch.randn(q, d, generator=g, device=device).to(DTYPES[vocab_dtype or dtype])
     uniforms = torch.rand(b, num_windows((side, side), 2), 2, generator=g, device=device)
     return patches, vocab, uniforms
 
@@ -231,11 +238,21 @@ def _grid(patches):
     return side, side
 
 
-def labels_case(op: str, backend: str, device="cpu", *, b, p, q, d, dtype="float32", k=10, negate=True, seed=0):
+def labels_case(
+    op: str, backend: str, device="cpu", *, b, p, q, d, dtype="float32", k=10, negate=True, seed=0, vocab_dtype=None
+):
     """``(fn, inputs)`` of one ``cosine_topk`` (``op="topk"``) or ``patch_labels`` (top_n = k, window 2) call."""
     fn = labels_fn(op, backend, k, negate)
-    fn(*labels_inputs(1, 16, max(k, 64), 32, dtype, device, seed))  # warm-up: imports, extension, compile
-    return fn, labels_inputs(b, p, q, d, dtype, device, seed)
+    if vocab_dtype is not None:  # the call as SEAAlignmentLoss makes it: its cached mixed-dtype cast, then the op
+        from ..alignment import SEAAlignmentLoss
+
+        policy = SEAAlignmentLoss()._vocabulary_for
+
+        def fn(patches, vocab, uniforms, op_fn=fn):
+            return op_fn(patches, policy(vocab, patches.dtype), uniforms)
+
+    fn(*labels_inputs(1, 16, max(k, 64), 32, dtype, device, seed, vocab_dtype))  # warm-up: imports, extension, compile
+    return fn, labels_inputs(b, p, q, d, dtype, device, seed, vocab_dtype)
 
 
 # ---------------------------------------------------------------------------- loss

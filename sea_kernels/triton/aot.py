@@ -298,9 +298,10 @@ def _run_one(args):
     return compile_case(case, arch)
 
 
-def run(full: bool, archs: list[int], jobs: int) -> list[dict]:
-    """Compile every case for every arch in ``jobs`` processes (``TRITON_INTERPRET`` must be unset)."""
-    work = [(c, a) for c in cases(full) for a in archs if c.archs is None or a in c.archs]
+def run(full: bool, archs: list[int], jobs: int, match: str = "") -> list[dict]:
+    """Compile every case (whose name contains ``match``) for every arch in ``jobs`` processes
+    (``TRITON_INTERPRET`` must be unset)."""
+    work = [(c, a) for c in cases(full) for a in archs if (c.archs is None or a in c.archs) and match in c.name]
     if jobs <= 1:
         return [_run_one(w) for w in work]
     with ProcessPoolExecutor(jobs) as pool:
@@ -325,12 +326,13 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", help="write every result to this file")
+    p.add_argument("--match", default="", help="only the cases whose name contains this")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    results = run(a.full, [int(x) for x in a.arch.split(",")], a.jobs)
+    results = run(a.full, [int(x) for x in a.arch.split(",")], a.jobs, a.match)
     bad = 0
     for r in results:
         why = problems(r)

@@ -441,12 +441,12 @@ _FWD_TUNED = tuner(
         dict(BN=64, BK=32, warps=4, stages=2),
     ],
     [
-        dict(BN=32, BK=16, warps=4, stages=2),
+        dict(BN=32, BK=16, warps=8, stages=2),
     ],
     "x_ptr",
 )
 # The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py).
-FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=4, stages=2), dict(BN=32, BK=16, warps=4, stages=2))
+FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=4, stages=2), dict(BN=32, BK=16, warps=8, stages=2))
 _FWD_FIXED = [config(dict(BN=32, BK=16) if _INTERPRET else c) for c in FWD_GPU_FIXED]
 
 _PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "D", "stride_x", "stride_t", "stride_h", "TUNE_KEY"])
