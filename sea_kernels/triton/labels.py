@@ -306,7 +306,7 @@ HALF_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=8, stages=3),
 ]
 SINGLE_CONFIGS = [
-    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, warps=8, stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, warps=8, stages=2),
 ]
 LIST_REGISTERS = 64  # 32-bit registers per thread for the running (score, index) lists
 
