@@ -19,10 +19,11 @@ partials (over row blocks). Rows go in chunks that keep the column buffer under
 ``FWD_PARTIAL_BUDGET`` floats (a single chunk up to N = 2**17 with 128-row blocks), so memory is
 O(N). Saved for backward: the inputs, ``r``, ``q`` and the four statistics vectors (O(N)).
 
-Backward, per chunk of ``C`` rows: ``C = min(N, BWD_MAX_ROWS, BWD_CHUNK_BUDGET / N)`` but at least
-``BWD_MIN_ROWS`` (so that the accumulation of ``V`` below stays compute-bound). The chunk never holds
-more than ``BWD_MAX_ROWS`` rows, so no ``N x N`` matrix exists beyond N = 2048 (16 MiB), and its size
-grows linearly in ``N`` (256 MiB at most up to N = 32768, ``BWD_MIN_ROWS * N`` floats beyond):
+Backward, per chunk of ``C`` rows: ``C = min(N, BWD_MAX_ROWS, max(BWD_CHUNK_BUDGET, N * D) / N)``
+but at least ``BWD_MIN_ROWS`` (so that the accumulation of ``V`` below stays compute-bound): the
+chunk may hold as many floats as ``V`` itself (``N x D``), so memory stays O(N D) and ``V`` is
+rewritten ``N / C`` times (16 times at N = 65,536, D = 4,096: 4,096-row chunks). The chunk never
+holds more than ``BWD_MAX_ROWS`` rows, so no ``N x N`` matrix exists beyond N = 4096 (64 MiB):
 
 1. ``_probs_body`` recomputes the logits tile by tile and writes
    ``H_ij = (P_row_ij - d_ij) + (P_col_ij - d_ij)`` (``P_row = softmax over j``, ``P_col =
@@ -75,8 +76,8 @@ from ._launch import config, dot_precision, launch, tuner
 
 # Memory knobs (module attributes so that tests can force several chunks on small inputs).
 FWD_PARTIAL_BUDGET = 1 << 24  # float32 column partials per forward launch (64 MiB)
-BWD_CHUNK_BUDGET = 1 << 26  # float32 entries of the backward H chunk (256 MiB) ...
-BWD_MAX_ROWS = 2048  # ... of at most this many rows (never N x N beyond N = 2048) ...
+BWD_CHUNK_BUDGET = 1 << 26  # float32 entries of the backward H chunk (256 MiB, or N x D if more) ...
+BWD_MAX_ROWS = 4096  # ... of at most this many rows (never N x N beyond N = 4096) ...
 BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N = 131072 on: 2 KiB x N),
 # so that V's read-modify-write per chunk stays small next to the chunk's products (K = rows)
 FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
@@ -664,7 +665,8 @@ class _ContrastiveLoss(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         dt = torch.empty_like(t) if need_t else None
         v = torch.empty((n, d), dtype=f32, device=dev) if need_t else None
-        rows = min(n, max(BWD_MIN_ROWS, _MAX_BM, min(BWD_MAX_ROWS, BWD_CHUNK_BUDGET // n) // _MAX_BM * _MAX_BM))
+        budget = max(BWD_CHUNK_BUDGET, n * d) // n
+        rows = min(n, max(BWD_MIN_ROWS, _MAX_BM, min(BWD_MAX_ROWS, budget) // _MAX_BM * _MAX_BM))
         h = torch.empty((rows, n), dtype=f32, device=dev)
         u = torch.empty((rows, d), dtype=f32, device=dev) if need_x else None
         ds_parts = []
