@@ -97,8 +97,8 @@ def merge_steps(block_m: int, block_n: int, k_pad: int, seed: int = 0) -> float:
     """Mean merge-loop trips per vocabulary tile of one program (random features, the full shape).
 
     In a tile, row r inserts the tile's entries that are in the top ``k_pad`` of everything seen so
-    far (the loop extracts in descending order); the program loops max over its rows of that, and
-    evaluates the loop condition once more.
+    far (the loop extracts in descending order); the program runs the loop body max over its rows of
+    that many times.
     """
     import torch
 
