@@ -82,7 +82,7 @@ BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N =
 # so that V's read-modify-write per chunk stays small next to the chunk's products (K = rows)
 FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
 
-FWD_GPU_BM = (128, 32)  # rows per forward program, 16-bit / float32 operands (the partial buffers depend on it)
+FWD_GPU_BM = (128, 16)  # rows per forward program, 16-bit / float32 operands (the partial buffers depend on it)
 FWD_BM = (16, 16) if _INTERPRET else FWD_GPU_BM
 _MAX_BM = 32 if _INTERPRET else 128  # largest row block of the backward kernels (chunks are multiples of it)
 
@@ -442,12 +442,12 @@ _FWD_TUNED = tuner(
         dict(BN=64, BK=32, warps=4, stages=2),
     ],
     [
-        dict(BN=64, BK=16, warps=4, stages=2),
+        dict(BN=32, BK=16, warps=4, stages=2),
     ],
     "x_ptr",
 )
 # The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py).
-FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=4, stages=2), dict(BN=64, BK=16, warps=4, stages=2))
+FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=8, stages=2), dict(BN=64, BK=16, warps=4, stages=2))
 _FWD_FIXED = [config(dict(BN=32, BK=16) if _INTERPRET else c) for c in FWD_GPU_FIXED]
 
 _PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "D", "stride_x", "stride_t", "stride_h", "TUNE_KEY"])
@@ -455,18 +455,21 @@ _PROBS_TUNED = tuner(
     _PROBS[0],
     ["TUNE_KEY", "D"],
     [
-        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3),
+        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3, archs=(90,)),
         dict(BM=128, BN=64, BK=64, GROUP_M=8, warps=4, stages=3),
         dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=3),
         dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=4),
     ],
     [
-        dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
+        dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=2),
     ],
     "x_ptr",
     reset_to_zero=["ds_ptr"],  # its layout depends on the tile: a tuning run must leave no stale entry
 )
-PROBS_GPU_FIXED = (dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),) * 2
+PROBS_GPU_FIXED = (
+    dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
+    dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=2),
+)
 _PROBS_FIXED = [config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else c) for c in PROBS_GPU_FIXED]
 _PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 _PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)

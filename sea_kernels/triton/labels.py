@@ -40,7 +40,7 @@ Epilogues (``SAMPLE`` constexpr):
   over the chosen patch's positive candidates, as in the op contract, and stores only
   ``(patch, label, score, valid)``.
 
-Sizes beyond the register budget of the kernel (``k > 32``, or ``window > 8`` for
+Sizes beyond the register budget of the kernel (``k > 32``, or ``window > 4`` for
 ``patch_labels``) take a bounded-memory PyTorch path (row chunks; see ``_chunked_topk``).
 Operands: patches and vocabulary of one dtype run in it (16-bit: tensor cores); mixed dtypes are
 computed in float32 (``SEAAlignmentLoss`` and ``SEAModel`` cast the vocabulary to the patches'
@@ -60,7 +60,7 @@ from ..labels import cosine_topk_reference, num_windows, sample_windows
 from ._launch import INTERPRET, arch_of, config, dot_precision, for_arch, launch, tuner
 
 MAX_K_PAD = 32  # largest padded k the kernel keeps in registers (64 spills on sm_80)
-MAX_WW_PAD = 64  # largest padded window area of the fused patch_labels kernel
+MAX_WW_PAD = 16  # largest padded window area of the fused patch_labels kernel (64 spills in fp32)
 AUTOTUNE_MIN_SCORES = 1 << 24  # smaller calls (rows x q) run the first fitting config, untuned
 
 
@@ -306,7 +306,7 @@ HALF_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=8, stages=3),
 ]
 SINGLE_CONFIGS = [
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, warps=8, stages=2),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, warps=8, stages=2),
 ]
 LIST_REGISTERS = 64  # 32-bit registers per thread for the running (score, index) lists
 
