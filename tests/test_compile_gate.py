@@ -5,7 +5,7 @@ CI runs the representative subset of ``sea_kernels.triton.aot.cases()`` (every k
 each labels config at its largest ``K_PAD``, the fixed configs and the first tuned one of each list;
 41 compiles: measured 5.5 minutes from a cold Triton cache on 2 cores shared with other jobs (load
 average above 8), 20-25 s from a warm one). The full matrix (every config, dtype, ``K_PAD`` and
-window; ~350 compiles) is
+window; 310 compiles) is
 ``python -m sea_kernels.triton.aot --full`` or ``benchmarks/compile_report.py``.
 The kernels are compiled in subprocesses without ``TRITON_INTERPRET`` (interpreted kernels cannot
 be compiled), with the ptxas that ships with triton.
