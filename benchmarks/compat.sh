@@ -5,8 +5,10 @@
 # triton 3.6.0's own ptxas.
 # Usage (from the repository root): benchmarks/compat.sh [VENV_DIR] [pytest arguments...]
 #   VENV_DIR defaults to .compat-venv; an existing one with the right versions is reused.
-# Takes ~10 minutes on 2 CPU cores from nothing (the pip downloads are several GB: torch's CUDA wheels),
-# then the suite: ~4-5 minutes with `-n 2` on 2 busy cores.
+# Measured 2026-11-30 on 2 CPU cores shared with other jobs (load average ~15): the environment in about
+# 4 minutes from nothing (several GB of wheels: torch's CUDA dependencies, from a fast package index),
+# the suite in 24 minutes with `-n 2` (the full suite in the newest versions took 15 minutes alongside).
+# COMPAT_WORKERS sets pytest-xdist's worker count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.compat-venv}
