@@ -79,6 +79,24 @@ def test_first_build_is_announced_with_its_time(fake_compiler, capsys, caplog):
     assert "No CUDA runtime" not in caplog.text  # torch's misleading warning is silenced
 
 
+def test_a_stale_torch_build_lock_is_removed(fake_compiler, tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's ``lock`` file; the next build must not wait on it forever."""
+    seen = []
+
+    def load(name, sources, build_directory, **kw):
+        seen.append((tmp_path / build_directory).joinpath("lock").exists())
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    build_dir = _build.cache_root()
+    _build.load_extension("labels")  # creates the cache folder
+    _build.load_extension.cache_clear()
+    (folder,) = [p for p in build_dir.iterdir() if p.name.startswith("labels_")]
+    (folder / "lock").write_text("")  # what a killed build leaves
+    assert _build.load_extension("labels") is not None
+    assert seen == [False, False]
+
+
 def test_sea_build_builds_every_extension(fake_compiler, capsys):
     from sea_model.cli import main
 

@@ -60,7 +60,7 @@ def load_extension(name: str):
         _say(f"compiling the C++ CPU kernels '{name}' once (about a minute; cached in {build_dir.parent})")
     start = time.perf_counter()
     try:
-        with _quiet_cuda_warning():
+        with _quiet_cuda_warning(), _build_lock(build_dir):
             from torch.utils import cpp_extension
 
             module = cpp_extension.load(
@@ -102,6 +102,22 @@ def _quiet_cuda_warning():
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextmanager
+def _build_lock(build_dir: Path):
+    """One build of a cache folder at a time, across processes, released by the OS on a crash.
+
+    torch's own build lock is a plain file (``build_dir/lock``) that a process killed mid-build
+    leaves behind, and every later build then waits on it forever. Whoever holds this ``flock``
+    is the only sea process building in ``build_dir``, so a ``lock`` file found then is stale.
+    """
+    import fcntl
+
+    with open(build_dir / ".sea-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
 
 
 def choose_extension(name: str, use_cpp: bool | None):
