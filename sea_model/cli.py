@@ -4,6 +4,9 @@
 * ``sea train --stage {1,2} --config FILE [--section.key VALUE ...]``: one training stage
   (see :mod:`sea_model.train` for the configuration and the override syntax).
 * ``sea generate --checkpoint DIR --image IMG --prompt TEXT``: answer with a trained model.
+* ``sea inspect --checkpoint DIR --image IMG [--image ...] --out DIR``: the paper's Figure 1 for a
+  checkpoint (or ``--mm_projector FILE [--config FILE]``): each visual token's nearest LLM word.
+* ``sea lab [--out DIR] [--quick] [--full]``: does SEA work? Both arms in a synthetic world with ground truth.
 * ``sea selfcheck``: run every op with every available backend.
 * ``sea export --format llava-hf CHECKPOINT OUT``: a ``LlavaForConditionalGeneration`` folder.
 * ``sea build``: compile the C++ CPU kernels now (they are otherwise compiled on first use).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 TRAIN_EPILOG = """\
 configuration: a YAML file with sections model, data, train (fields of sea_model.model.ModelConfig,
@@ -297,10 +301,111 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_bench)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import load_model_config, run
+
+    if (args.checkpoint is None) == (args.mm_projector is None):
+        raise ValueError("give --checkpoint DIR or --mm_projector FILE (with --config FILE for its model)")
+    if args.config and args.checkpoint:
+        raise ValueError("--config is for --mm_projector (a checkpoint carries its own model config)")
+    s = run(
+        args.image,
+        args.out,
+        checkpoint=args.checkpoint,
+        mm_projector=args.mm_projector,
+        config=load_model_config(args.config) if args.config else None,
+        top_n=args.top_n,
+        negate=args.negate,
+        all_tokens=args.all_tokens,
+        device=args.device or "cpu",
+        seed=args.seed,
+    )
+    fmt = "-" if s["token_alignment"] is None else f"{s['token_alignment']:.3f}"
+    top1 = "-" if s["top1_agreement"] is None else f"{s['top1_agreement']:.3f}"
+    print(f"token alignment {fmt}, top-1 agreement {top1} over {s['labelled']} labelled patches of {s['patches']}")
+    print(f"written: {args.out}/summary.json, summary.md and one PNG per image")
+    return 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from .lab.experiment import run
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers; got {args.seeds!r}") from None
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: each seed once; got {args.seeds}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory")
+    run(
+        args.out,
+        quick=args.quick,
+        full=args.full,
+        seeds=seeds,
+        threads=args.threads or None,
+        backend=args.backend,
+        progress=args.progress,
+    )
+    return 0
+
+
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="the paper's Figure 1 for a checkpoint: each visual token's nearest LLM word vs its CLIP labels",
+        description="For every patch: the SEA-vocabulary word nearest to its visual token (cosine against the "
+        "words' Eq. 8 LLM embeddings) and its CLIP labels from SEA's labeler (top_n with score > 0). Writes one PNG "
+        "per image (green: nearest word among the patch's labels, red: not, grey: unlabelled), summary.json and "
+        "summary.md with the token alignment score and top-1 agreement.",
+    )
+    p.add_argument("--checkpoint", default=None, help="a sea checkpoint or output directory (stage 1 or 2)")
+    p.add_argument("--mm_projector", default=None, help="a LLaVA mm_projector.bin (instead of --checkpoint)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="with --mm_projector: the model config (YAML/JSON; a run_config.yaml works); default LLaVA-1.5 7B",
+    )
+    p.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
+    p.add_argument("--out", default="sea-inspect", help="output directory (default ./sea-inspect)")
+    p.add_argument("--top_n", type=int, default=None, help="CLIP labels per patch (default: the model's SEA top_n)")
+    p.add_argument(
+        "--negate",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="score patches with -cos (default: the model's SEA setting)",
+    )
+    p.add_argument("--all_tokens", action="store_true", help="also the nearest token of the LLM's whole table")
+    p.add_argument("--seed", type=int, default=0, help="seed the random parts of a config are rebuilt with")
+    p.add_argument("--device", default=None, help="default: cpu")
+    p.set_defaults(func=_inspect)
+
+
+def _lab_parser(sub) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="does SEA work? SEA vs lambda=0 in a synthetic world with ground truth (CPU, offline, < 10 min)",
+        description="Scenes of coloured shapes with per-patch truth; a tiny CLIP trained on them; a tiny LLM "
+        "pretrained on text; stage 1 with SEA and with lambda=0 from the same init/data/steps/seeds, then stage 2; "
+        "token alignment against the truth and held-out answer accuracy; ablations. Writes OUT/results.json, "
+        "results.md, curves.png, figure1/ and every checkpoint.",
+    )
+    p.add_argument("--out", default="sea-lab", help="output directory (default ./sea-lab)")
+    p.add_argument("--quick", action="store_true", help="2 seeds, a few steps (under 2 minutes; for tests)")
+    p.add_argument("--full", action="store_true", help="every ablation, each over every seed")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0,1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--backend", default="reference", choices=["auto", "reference", "triton", "cpu"])
+    p.add_argument("--progress", action="store_true", help="progress bars for every training run")
+    p.set_defaults(func=_lab)
+
+
 SUBCOMMANDS = (
     _demo_parser,
     _train_parser,
     _generate_parser,
+    _inspect_parser,
+    _lab_parser,
     _selfcheck_parser,
     _bench_parser,
     _build_parser,
