@@ -41,3 +41,16 @@ def test_cli_selfcheck_help():
         [sys.executable, "-m", "sea_model.cli", "selfcheck", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert out.returncode == 0 and "--interpret" in out.stdout
+
+
+def test_every_subpackage_is_installed():
+    """A package folder missing from pyproject's list would be left out of the wheel (sea lab once was)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("sea_kernels", "sea_model")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
