@@ -143,22 +143,7 @@ class SEAAlignmentLoss(nn.Module):
         float64); label embeddings are means accumulated in float32 and returned in
         ``embedding_weight``'s dtype; the loss is float32 (float64).
         """
-        check_tensor("visual_tokens", visual_tokens, ndim=3)
-        check_tensor("patch_features", patch_features, ndim=3)
-        check_tensor("embedding_weight", embedding_weight, ndim=2)
-        if visual_tokens.shape[:2] != patch_features.shape[:2]:
-            raise ValueError(
-                "visual_tokens and patch_features must share (B, P); got "
-                f"{tuple(visual_tokens.shape)} and {tuple(patch_features.shape)}"
-            )
-        check_feature_dims("visual_tokens", visual_tokens, "embedding_weight", embedding_weight)
-        check_int_tensor("word_token_ids", word_token_ids, 2)
-        if word_token_ids.shape[0] != vocab_features.shape[0]:
-            raise ValueError(
-                "word_token_ids must have one row per vocabulary word: "
-                f"{vocab_features.shape[0]} rows expected, got {word_token_ids.shape[0]}"
-            )
-
+        _check_inputs(visual_tokens, patch_features, vocab_features, word_token_ids, embedding_weight)
         finite = self._patch_features_finite(patch_features)
         if not torch.compiler.is_compiling():  # traced code skips it: run one eager call first
             self._check_vocabulary(vocab_features, word_token_ids, embedding_weight.shape[0])
@@ -181,16 +166,19 @@ class SEAAlignmentLoss(nn.Module):
         if group is not None:
             return self._loss_over_ranks(visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group)
 
-        # Every window goes to the loss, weighted by `keep`: fixed shapes, no host sync.
+        loss = self._local_loss(visual_tokens, labels, keep, word_token_ids, embedding_weight, scale)
+        if finite is not None:
+            loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+        return SEAAlignmentOutput(loss, keep.sum(), scale.detach(), labels, keep)
+
+    def _local_loss(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale):
+        """Every window goes to the loss, weighted by ``keep``: fixed shapes, no host sync."""
         b, nw = keep.shape
         rows = torch.arange(b, device=keep.device)[:, None].expand(b, nw)
         x = visual_tokens[rows, labels.patch.clamp(min=0)].reshape(b * nw, -1)
         t = mean_embeddings(labels.label.clamp(min=0).reshape(-1), word_token_ids.to(x.device), embedding_weight)
         dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
-        loss = masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
-        if finite is not None:
-            loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
-        return SEAAlignmentOutput(loss, keep.sum(), scale.detach(), labels, keep)
+        return masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
 
     def _loss_over_ranks(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group):
         """The loss with negatives from every rank (eager: row counts differ between ranks)."""
@@ -270,3 +258,23 @@ class SEAAlignmentLoss(nn.Module):
         keep = dedup_mask(gathered[0], gathered[1].bool(), gathered[2])
         start = sum(sizes[: torch.distributed.get_rank(group)])
         return keep[start : start + flat_label.shape[0]].view_as(labels.valid)
+
+
+def _check_inputs(visual_tokens, patch_features, vocab_features, word_token_ids, embedding_weight) -> None:
+    """``ValueError`` for inputs of the wrong rank, dtype or shape (the vocabulary's values are
+    checked once per version by :meth:`SEAAlignmentLoss._check_vocabulary`)."""
+    check_tensor("visual_tokens", visual_tokens, ndim=3)
+    check_tensor("patch_features", patch_features, ndim=3)
+    check_tensor("embedding_weight", embedding_weight, ndim=2)
+    if visual_tokens.shape[:2] != patch_features.shape[:2]:
+        raise ValueError(
+            "visual_tokens and patch_features must share (B, P); got "
+            f"{tuple(visual_tokens.shape)} and {tuple(patch_features.shape)}"
+        )
+    check_feature_dims("visual_tokens", visual_tokens, "embedding_weight", embedding_weight)
+    check_int_tensor("word_token_ids", word_token_ids, 2)
+    if word_token_ids.shape[0] != vocab_features.shape[0]:
+        raise ValueError(
+            "word_token_ids must have one row per vocabulary word: "
+            f"{vocab_features.shape[0]} rows expected, got {word_token_ids.shape[0]}"
+        )

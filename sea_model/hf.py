@@ -197,6 +197,17 @@ class LlavaSEA(nn.Module):
         return True
 
 
+def _accumulate(sums: dict, loss: torch.Tensor, align, scaled: bool, steps: int) -> None:
+    """Add one micro-batch's L_gen, L_align and pairs, as shares of the optimizer step, to ``sums``
+    (tensors on the device, read at log time)."""
+    for key, value in (
+        ("L_gen", loss.detach() * (1.0 if scaled else 1.0 / steps)),
+        ("L_align", align.loss.detach() / steps),
+        ("pairs", align.pair_count.float() / steps),
+    ):
+        sums[key] = sums.get(key, 0.0) + value
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -247,13 +258,7 @@ def _trainer_class():
             align = self.sea.align()
             # Trainer divides the returned loss by `steps` unless it is already scaled for accumulation.
             per_step = 1.0 / steps if scaled else 1.0
-            sums = self._sea_sums
-            for key, value in (
-                ("L_gen", loss.detach() * (1.0 if scaled else 1.0 / steps)),
-                ("L_align", align.loss.detach() / steps),
-                ("pairs", align.pair_count.float() / steps),
-            ):
-                sums[key] = sums.get(key, 0.0) + value
+            _accumulate(self._sea_sums, loss, align, scaled, steps)
             return loss + (self.sea.weight * per_step) * align.loss.to(loss.dtype)
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
