@@ -89,9 +89,19 @@ def device_type(device) -> str:
     return torch.device(device).type
 
 
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"sizes must be one of {MODES}; got {mode!r}")
+def size_list(sizes: str) -> list[str]:
+    """The names of ``sizes``: a mode (``quick``, ``full``) or comma-separated size names."""
+    names = [n.strip() for n in sizes.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"sizes must be one of {MODES} or size names; got {sizes!r}")
+    return names
+
+
+def pick_sizes(sizes: str, by_mode: dict, known) -> list[str]:
+    """``by_mode[sizes]`` for a mode, else those of the comma-separated names in ``known``."""
+    if sizes in MODES:
+        return list(by_mode[sizes])
+    return [n for n in size_list(sizes) if n in known]
 
 
 class CaseSet:
@@ -106,8 +116,9 @@ class CaseSet:
     budget_factor = 1.0  # times the timing budget of a case
 
     def size_names(self, op: str, device="cpu", mode: str = "quick") -> list[str]:
-        check_mode(mode)
-        return list(SIZE_NAMES[device_type(device)][mode][op])
+        """The sizes of ``op`` in ``mode``, or among comma-separated size names."""
+        by_mode = {m: names[op] for m, names in SIZE_NAMES[device_type(device)].items()}
+        return pick_sizes(mode, by_mode, LOSS_SIZES if op == "loss" else LABELS_SIZES)
 
     def size_params(self, op: str, size: str, device="cpu") -> dict:
         """The builder parameters of a named size on ``device`` (JSON-friendly)."""
