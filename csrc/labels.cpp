@@ -131,18 +131,19 @@ struct Plan {
   int64_t n_vocab_splits;
   int64_t tile;
   int64_t tiles_per_split;
+  int64_t sub_rows;  // rows per matrix product of the float32 path's prefilter
 };
 
-Plan make_plan(int64_t M, int64_t q, int64_t tile, int64_t row_block) {
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+// Row blocks of at most max_rows (one block per thread when M >= min_rows x threads); the vocabulary
+// split between threads when there are fewer blocks than threads.
+Plan make_plan(int64_t M, int64_t q, int64_t tile, int64_t row_block, int64_t threads, int64_t max_rows,
+               int64_t min_rows) {
+  const int64_t nt = std::max<int64_t>(1, threads);
   Plan p;
   p.tile = tile > 0 ? tile : 512;
   if (row_block > 0) {
     p.rows_per_block = std::min(row_block, M);
   } else {
-    // Many rows per matmul (MKL efficiency), a score buffer that stays near L2, and at least
-    // one block per thread when there are enough rows.
-    const int64_t max_rows = 640, min_rows = 64;
     int64_t blocks = (M + max_rows - 1) / max_rows;
     if (M >= min_rows * nt) blocks = ((blocks + nt - 1) / nt) * nt;
     p.rows_per_block = (M + blocks - 1) / blocks;
@@ -153,6 +154,7 @@ Plan make_plan(int64_t M, int64_t q, int64_t tile, int64_t row_block) {
   if (p.n_row_blocks < nt) splits = std::min(n_tiles, (nt + p.n_row_blocks - 1) / p.n_row_blocks);
   p.tiles_per_split = (n_tiles + splits - 1) / splits;
   p.n_vocab_splits = (n_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  p.sub_rows = std::min<int64_t>(p.rows_per_block, 256);
   return p;
 }
 
@@ -174,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kernel(const at::Tensor& pn, const at::T
   at::Tensor indices = at::empty({M, k}, opts.dtype(at::kLong));
   if (M == 0) return {values, indices};
 
-  const Plan plan = make_plan(M, q, tile, row_block);
+  // Many rows per matmul (MKL efficiency) and a score buffer that stays near L2.
+  const Plan plan = make_plan(M, q, tile, row_block, at::get_num_threads(), 640, 64);
   const int64_t cap = k + std::max<int64_t>(k, 32);
   const bool direct = vocab.scalar_type() == pn.scalar_type() && vocab.is_contiguous();
   const int64_t n_tasks = plan.n_row_blocks * plan.n_vocab_splits;
@@ -625,29 +628,6 @@ inline float tile_error(const VecStats& x, const TileStats& t, double gamma) {
   return static_cast<float>(e * (1.0 + 1e-6) + kAbsMargin);
 }
 
-struct Plan32 {
-  int64_t rows_per_block, n_row_blocks, n_splits, tile, tiles_per_split, sub_rows;
-};
-
-// Rows in blocks of at most 4096 (each block converts the vocabulary once); the vocabulary split
-// between threads when there are fewer blocks than threads.
-Plan32 make_plan32(int64_t M, int64_t q, int64_t tile, int64_t row_block, int64_t threads) {
-  const int64_t nt = std::max<int64_t>(1, threads);
-  Plan32 p;
-  p.tile = tile > 0 ? tile : 512;
-  int64_t blocks = (M + 4095) / 4096;
-  if (blocks > 1) blocks = ((blocks + nt - 1) / nt) * nt;
-  p.rows_per_block = row_block > 0 ? std::min(row_block, M) : (M + blocks - 1) / blocks;
-  p.n_row_blocks = (M + p.rows_per_block - 1) / p.rows_per_block;
-  const int64_t n_tiles = (q + p.tile - 1) / p.tile;
-  int64_t splits = 1;
-  if (p.n_row_blocks < nt) splits = std::min(n_tiles, (nt + p.n_row_blocks - 1) / p.n_row_blocks);
-  p.tiles_per_split = (n_tiles + splits - 1) / splits;
-  p.n_splits = (n_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
-  p.sub_rows = std::min<int64_t>(p.rows_per_block, 256);  // rows per prefilter matrix product
-  return p;
-}
-
 // The patches' side of a call: statistics, low-precision copy and int8 scales of every row.
 struct PatchSide {
   std::vector<VecStats> stats;
@@ -698,7 +678,7 @@ void prefilter_product(int64_t mode, const Problem& pb, const PatchSide& xp, con
 }
 
 // One task: rows [r0, r0 + mb) against the vocabulary range of `split`.
-void run_task32(const Problem& pb, const Plan32& plan, int64_t mode, bool negate, const PatchSide& xp,
+void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, const PatchSide& xp,
                 RowState* states, int64_t M, int64_t q, int64_t r0, int64_t mb, int64_t split, Scratch& sc,
                 TileBuffers& tb) {
   const int64_t d = pb.d, T = plan.tile;
@@ -779,7 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
   const Problem pb{pn.data_ptr<float>(), VocabRows{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d}, k, d};
   // A small call (under ~1 ms of work, automatic tiling) runs in the calling thread: no thread-pool wake-ups.
   const bool small = tile <= 0 && row_block <= 0 && static_cast<double>(M) * q * d < 4e6;
-  const Plan32 plan = make_plan32(M, q, tile, row_block, small ? 1 : at::get_num_threads());
+  // Row blocks of up to 4096 rows: each block converts the vocabulary once.
+  const Plan plan = make_plan(M, q, tile, row_block, small ? 1 : at::get_num_threads(), 4096, 4096);
 
   // Row statistics and the low-precision copy of the patches.
   PatchSide xp;
@@ -791,7 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
   });
 
   const int64_t cap = std::max<int64_t>(4 * k, 64), kcap = k + std::max<int64_t>(k, 32);
-  const int64_t n_states = plan.n_splits * M;
+  const int64_t n_states = plan.n_vocab_splits * M;
   std::vector<Cand> cand(static_cast<size_t>(n_states * cap));
   std::vector<Entry<float>> exact(static_cast<size_t>(n_states * kcap));
   std::vector<RowState> states(static_cast<size_t>(n_states));
@@ -805,7 +786,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     st.rescored = 0;
   }
 
-  const int64_t n_tasks = plan.n_row_blocks * plan.n_splits;
+  const int64_t n_tasks = plan.n_row_blocks * plan.n_vocab_splits;
   at::parallel_for(0, n_tasks, small ? n_tasks : 1, [&](int64_t t_begin, int64_t t_end) {
     const int64_t T = plan.tile;
     Scratch sc;
@@ -818,7 +799,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     tb.w.resize(static_cast<size_t>(T));
     tb.ys.resize(static_cast<size_t>(T));
     for (int64_t task = t_begin; task < t_end; ++task) {
-      const int64_t blk = task / plan.n_splits, split = task % plan.n_splits;
+      const int64_t blk = task / plan.n_vocab_splits, split = task % plan.n_vocab_splits;
       const int64_t r0 = blk * plan.rows_per_block, mb = std::min(plan.rows_per_block, M - r0);
       run_task32(pb, plan, mode, negate, xp, states.data(), M, q, r0, mb, split, sc, tb);
     }
@@ -832,7 +813,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     sc.row.resize(static_cast<size_t>(d));
     std::vector<Entry<float>> all;
     for (int64_t r = begin; r < end; ++r)
-      finish_row32(states.data(), plan.n_splits, M, r, pb, sc, all, out_v + r * k, out_i + r * k, out_n + r);
+      finish_row32(states.data(), plan.n_vocab_splits, M, r, pb, sc, all, out_v + r * k, out_i + r * k, out_n + r);
   });
   return {values, indices, rescored};
 }
