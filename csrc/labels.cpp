@@ -36,6 +36,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -502,7 +503,15 @@ struct Problem {
   VocabRows vocab;
   int64_t k;
   int64_t d;
+  std::atomic<float>* row_L;  // per row, the largest L of any vocabulary split (a lower bound for all)
 };
+
+inline float share_L(std::atomic<float>& shared, float L) {  // max(shared, L), stored and returned
+  float cur = shared.load(std::memory_order_relaxed);
+  while (L > cur && !shared.compare_exchange_weak(cur, L, std::memory_order_relaxed)) {
+  }
+  return std::max(cur, L);
+}
 
 // Per-thread scratch.
 struct Scratch {
@@ -544,7 +553,7 @@ float kth_lower(RowState* const* states, int64_t n_states, int64_t k, std::vecto
 // Drop the candidates that cannot reach L; rescore the rest when they still fill half the buffer.
 void compact(RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
   RowState* self = &st;
-  st.L = std::max(st.L, kth_lower(&self, 1, pb.k, sc.lows));
+  st.L = share_L(pb.row_L[r], std::max(st.L, kth_lower(&self, 1, pb.k, sc.lows)));
   int64_t kept = 0;
   for (int64_t t = 0; t < st.cnt; ++t)
     if (st.buf[t].v + st.buf[t].e >= st.L) st.buf[kept++] = st.buf[t];
@@ -756,7 +765,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
   if (M == 0) return {values, indices, rescored};
 
   const bool direct = vocab.scalar_type() == at::kFloat && vocab.is_contiguous();
-  const Problem pb{pn.data_ptr<float>(), VocabRows{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d}, k, d};
+  std::vector<std::atomic<float>> row_L(static_cast<size_t>(M));
+  for (auto& L : row_L) L.store(-std::numeric_limits<float>::infinity());
+  const Problem pb{pn.data_ptr<float>(), VocabRows{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d}, k, d,
+                   row_L.data()};
   // A small call (under ~1 ms of work, automatic tiling) runs in the calling thread: no thread-pool wake-ups.
   const bool small = tile <= 0 && row_block <= 0 && static_cast<double>(M) * q * d < 4e6;
   // Row blocks of up to 4096 rows: each block converts the vocabulary once.
