@@ -1,17 +1,31 @@
 // Patch-vs-vocabulary cosine top-k and window label sampling (SEA Eq. 4-7), CPU kernels.
 //
-// cosine_topk: rows of normalized patches are split into row blocks; each (row block, vocabulary
-// range) task walks its vocabulary range in tiles of `tile` rows: one at::mm (MKL sgemm, many rows
-// per call) of the block against the raw tile into a small L2-resident buffer, then a streaming
-// per-row top-k over the tile. Scores are formed as (p/|p|) . v * (1/|v|) (the vocabulary is never
-// normalized into a copy; its inverse norms are computed per tile, with the sign of `negate` folded
-// in). The per-row top-k keeps a buffer of at most k + max(k, 32) candidates and a threshold (the
-// k-th best at the last compaction): almost every score is rejected by one vector compare.
-// Extra memory: the normalized patches (M x d) and, per thread, one (rows x tile) score buffer and
-// (rows x (2k + 32)) candidates -- independent of the vocabulary size q (with fewer row blocks than
-// threads, the vocabulary is split between threads and all M rows keep candidates per split).
+// Scores: s_ij = (p_i/|p_i|) . v_j * c_j with c_j = +-1 / max(|v_j|, eps) (the sign of `negate` folded
+// in); the vocabulary is never normalized into a copy.
 //
-// Ties: among equal scores the smaller vocabulary index wins (scan order + strict compare).
+// float32 (patches of any dtype but float64): the EXACT top-k of the float32 scores, where "the float32
+// score" is one fixed arithmetic (dot_f32: a 64-lane fused-multiply-add dot product in a fixed order,
+// times c_j from a fixed-order norm), so the result does not depend on tiling, threads or the prefilter.
+// A prefilter scores every pair cheaply: int8 (per-vector scales, at::_int_mm: exact integer dot
+// products, VNNI through oneDNN), bfloat16 (at::mm on bf16 copies: AMX through oneDNN) or float32
+// (at::mm, MKL), each with a rigorous bound e_ij on |prefilter score - float32 score|: the norms of both
+// operands, of their low-precision copies and of the rounding residuals (Cauchy-Schwarz on
+// x.y - x~.y~ = (x - x~).y~ + x~.(y - y~) + (x - x~).(y - y~)), the accumulation error of a d-term
+// float32 sum, the bf16 rounding of the product, a few float32 roundings relative to the score, and
+// an absolute 1e-6 that covers underflow and the rounding of the bound itself. A word can be in a
+// row's top-k only if its upper bound reaches L, the k-th largest lower bound (or exact score) of the
+// row so far; per row, the words that pass are kept in a small buffer, compacted against the rising L
+// and rescored exactly with dot_f32 when it fills. The result is the top-k of exact scores, ties
+// broken by the smaller index: identical for every prefilter (prefilter 0 scores every pair exactly --
+// the oracle; rows or tiles with Inf/NaN/huge values take that path too). Extra memory: the
+// normalized patches (M x d, plus a low-precision copy), per thread one vocabulary tile (copy), one
+// score buffer, and per row and vocabulary split a buffer of max(4k, 64) candidates and an exact
+// top-k -- independent of the vocabulary size q.
+//
+// float64: a tiled at::mm (MKL dgemm) per (row block, vocabulary range) into a small buffer and a
+// streaming per-row top-k with a threshold (the k-th best at the last compaction).
+//
+// Ties: among equal scores the smaller vocabulary index wins (a total order, NaN first as in torch.topk).
 //
 // patch_labels: cosine_topk with k = top_n, then the sampling epilogue of the contract
 // (sea_kernels.labels.sample_windows), replicating its float32 arithmetic (cumsum accumulates in
@@ -22,9 +36,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -88,35 +106,6 @@ inline void filter_row(const T* c, const T* inv, int64_t n, int64_t col0, RowTop
   }
 }
 
-#if defined(__AVX512F__)
-template <>
-inline void filter_row<float>(const float* c, const float* inv, int64_t n, int64_t col0, RowTopK<float>& st) {
-  int64_t j = 0;
-  __m512 vt = _mm512_set1_ps(st.thr);
-  for (; j + 32 <= n; j += 32) {
-    __m512 s0 = _mm512_mul_ps(_mm512_loadu_ps(c + j), _mm512_loadu_ps(inv + j));
-    __m512 s1 = _mm512_mul_ps(_mm512_loadu_ps(c + j + 16), _mm512_loadu_ps(inv + j + 16));
-    __mmask16 m0 = _mm512_cmp_ps_mask(s0, vt, _CMP_NLE_UQ);  // !(s <= thr)
-    __mmask16 m1 = _mm512_cmp_ps_mask(s1, vt, _CMP_NLE_UQ);
-    if ((m0 | m1) != 0) {
-      alignas(64) float tmp[32];
-      _mm512_store_ps(tmp, s0);
-      _mm512_store_ps(tmp + 16, s1);
-      uint32_t m = static_cast<uint32_t>(m0) | (static_cast<uint32_t>(m1) << 16);
-      while (m) {
-        int b = __builtin_ctz(m);
-        m &= m - 1;
-        if (!(tmp[b] <= st.thr)) st.push(tmp[b], col0 + j + b);
-      }
-      vt = _mm512_set1_ps(st.thr);
-    }
-  }
-  for (; j < n; ++j) {
-    float s = c[j] * inv[j];
-    if (!(s <= st.thr)) st.push(s, col0 + j);
-  }
-}
-#endif
 
 // inv[j] = sign / max(|v_j|, eps) for the rows of a contiguous (n x d) tile.
 template <typename T>
@@ -143,18 +132,19 @@ struct Plan {
   int64_t n_vocab_splits;
   int64_t tile;
   int64_t tiles_per_split;
+  int64_t sub_rows;  // rows per matrix product of the float32 path's prefilter
 };
 
-Plan make_plan(int64_t M, int64_t q, int64_t tile, int64_t row_block) {
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+// Row blocks of at most max_rows (one block per thread when M >= min_rows x threads); the vocabulary
+// split between threads when there are fewer blocks than threads.
+Plan make_plan(int64_t M, int64_t q, int64_t tile, int64_t row_block, int64_t threads, int64_t max_rows,
+               int64_t min_rows) {
+  const int64_t nt = std::max<int64_t>(1, threads);
   Plan p;
   p.tile = tile > 0 ? tile : 512;
   if (row_block > 0) {
     p.rows_per_block = std::min(row_block, M);
   } else {
-    // Many rows per matmul (MKL efficiency), a score buffer that stays near L2, and at least
-    // one block per thread when there are enough rows.
-    const int64_t max_rows = 640, min_rows = 64;
     int64_t blocks = (M + max_rows - 1) / max_rows;
     if (M >= min_rows * nt) blocks = ((blocks + nt - 1) / nt) * nt;
     p.rows_per_block = (M + blocks - 1) / blocks;
@@ -165,6 +155,7 @@ Plan make_plan(int64_t M, int64_t q, int64_t tile, int64_t row_block) {
   if (p.n_row_blocks < nt) splits = std::min(n_tiles, (nt + p.n_row_blocks - 1) / p.n_row_blocks);
   p.tiles_per_split = (n_tiles + splits - 1) / splits;
   p.n_vocab_splits = (n_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  p.sub_rows = std::min<int64_t>(p.rows_per_block, 256);
   return p;
 }
 
@@ -186,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kernel(const at::Tensor& pn, const at::T
   at::Tensor indices = at::empty({M, k}, opts.dtype(at::kLong));
   if (M == 0) return {values, indices};
 
-  const Plan plan = make_plan(M, q, tile, row_block);
+  // Many rows per matmul (MKL efficiency) and a score buffer that stays near L2.
+  const Plan plan = make_plan(M, q, tile, row_block, at::get_num_threads(), 640, 64);
   const int64_t cap = k + std::max<int64_t>(k, 32);
   const bool direct = vocab.scalar_type() == pn.scalar_type() && vocab.is_contiguous();
   const int64_t n_tasks = plan.n_row_blocks * plan.n_vocab_splits;
@@ -262,19 +254,633 @@ std::tuple<at::Tensor, at::Tensor> topk_kernel(const at::Tensor& pn, const at::T
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor> cosine_topk(const at::Tensor& patches, const at::Tensor& vocab, int64_t k, bool negate,
-                                               int64_t tile, int64_t row_block) {
+// ============================================================================ float32: exact top-k
+
+constexpr double kU32 = 5.9604644775390625e-08;  // 2^-24, the float32 unit roundoff
+constexpr double kBf16Out = 3.90625e-03;          // 2^-8: |x - bf16(x)| <= 2^-8 |bf16(x)| (round to nearest)
+constexpr double kTinyNormal = 1.1754943508222875e-38;  // 2^-126
+constexpr double kAbsMargin = 1e-6;               // underflow and the float32 rounding of the bound itself
+constexpr double kMaxRegular = 1e30;              // larger norms (or Inf/NaN) are scored exactly
+
+enum Prefilter : int64_t { kExact = 0, kFloat32 = 1, kBFloat16 = 2, kInt8 = 3 };
+
+#if defined(__AVX512F__)
+// Lanes summed pairwise: l += l + w for w = 8, 4, 2, 1.
+inline float reduce16(__m512 z) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)));
+}
+#endif
+
+inline float reduce16(float* s) {  // the same order on an array
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
+// The float32 dot product of the contract: lane l (of 64) accumulates the terms t = l (mod 64) with
+// fused multiply-adds in increasing t, then the lanes are summed pairwise (l += l + w, w = 32 .. 1).
+// The AVX-512 and the portable code compute exactly this.
+inline float dot_f32(const float* a, const float* b, int64_t d) {
+#if defined(__AVX512F__)
+  __m512 z[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t t = 0;
+  for (; t + 64 <= d; t += 64)
+    for (int i = 0; i < 4; ++i) z[i] = _mm512_fmadd_ps(_mm512_loadu_ps(a + t + 16 * i), _mm512_loadu_ps(b + t + 16 * i), z[i]);
+  const int64_t rem = d - t;
+  for (int i = 0; i < 4 && 16 * i < rem; ++i) {
+    const int64_t m = std::min<int64_t>(16, rem - 16 * i);
+    const __mmask16 k = static_cast<__mmask16>((1u << m) - 1u);
+    z[i] = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, a + t + 16 * i), _mm512_maskz_loadu_ps(k, b + t + 16 * i),
+                                 z[i], k);
+  }
+  return reduce16(_mm512_add_ps(_mm512_add_ps(z[0], z[2]), _mm512_add_ps(z[1], z[3])));
+#else
+  constexpr int L = 64;
+  float acc[L];
+  for (int l = 0; l < L; ++l) acc[l] = 0.0f;
+  int64_t t = 0;
+  for (; t + L <= d; t += L)
+    for (int l = 0; l < L; ++l) acc[l] = std::fma(a[t + l], b[t + l], acc[l]);
+  const int rem = static_cast<int>(d - t);
+  for (int l = 0; l < rem; ++l) acc[l] = std::fma(a[t + l], b[t + l], acc[l]);
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+#endif
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even; subnormals flush to a signed zero
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7f800000u) == 0) return static_cast<uint16_t>((b >> 16) & 0x8000u);
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// One vector y of the float32 scoring: its factor c = sign / max(|y|, eps) (16 lanes of fused
+// multiply-adds summed left to right: the contract), and upper bounds of |y|, |y~| and |y - y~| for
+// the prefilter copy y~ = bf16(y) (written to `low` when not null; else y~ = y).
+struct VecStats {
+  float c, amax;
+  double n, nt, ne;
+  bool regular;
+};
+
+// |y|^2 of the contract: 16 lanes of fused multiply-adds (lane l: terms t = l mod 16), summed pairwise.
+// Also max |y_t| into *amax.
+inline float sum_squares(const float* y, int64_t d, float* amax) {
+#if defined(__AVX512F__)
+  __m512 s = _mm512_setzero_ps(), m = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= d; t += 16) {
+    const __m512 v = _mm512_loadu_ps(y + t);
+    s = _mm512_fmadd_ps(v, v, s);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  if (t < d) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (d - t)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(k, y + t);
+    s = _mm512_mask3_fmadd_ps(v, v, s, k);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  *amax = _mm512_reduce_max_ps(m);
+  return reduce16(s);
+#else
+  float s[16] = {0};
+  float m = 0.0f;
+  for (int64_t t0 = 0; t0 < d; t0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, d - t0));
+    for (int l = 0; l < n; ++l) {
+      s[l] = std::fma(y[t0 + l], y[t0 + l], s[l]);
+      m = std::max(m, std::fabs(y[t0 + l]));
+    }
+  }
+  *amax = m;
+  return reduce16(s);
+#endif
+}
+
+VecStats vec_stats(const float* y, int64_t d, float sign, uint16_t* low) {
+  float amax;
+  const float sum = sum_squares(y, d, &amax);
+  float sum_t = sum, sum_e = 0.0f;
+  if (low != nullptr) {
+    float st[16] = {0}, se[16] = {0};
+    for (int64_t t0 = 0; t0 < d; t0 += 16) {
+      const int m = static_cast<int>(std::min<int64_t>(16, d - t0));
+      for (int l = 0; l < m; ++l) {
+        const uint16_t h = to_bf16(y[t0 + l]);
+        low[t0 + l] = h;
+        const float yt = from_bf16(h), e = y[t0 + l] - yt;  // exact
+        st[l] = std::fma(yt, yt, st[l]);
+        se[l] = std::fma(e, e, se[l]);
+      }
+    }
+    sum_t = reduce16(st);
+    sum_e = reduce16(se);
+  }
+  const float norm = std::sqrt(sum);
+  VecStats r;
+  r.c = sign / (norm > static_cast<float>(kNormEps) ? norm : static_cast<float>(kNormEps));
+  // float32 sums of squares: relative error <= gamma_(d+16), absolute <= (d+16) 2^-126 from underflow
+  const double grow = 1.0 + 2.0 * static_cast<double>(d + 16) * kU32, under = static_cast<double>(d + 16) * kTinyNormal;
+  auto ub = [&](float x) { return std::sqrt(static_cast<double>(x) * grow + under) * (1.0 + 1e-12); };
+  r.n = ub(sum);
+  r.nt = ub(sum_t);
+  r.ne = low != nullptr ? ub(sum_e) : 0.0;
+  r.regular = std::isfinite(r.n) && r.n <= kMaxRegular && std::isfinite(r.c) && std::isfinite(r.nt);
+  r.amax = amax;
+  return r;
+}
+
+// int8 copy y~ = s q of y (q = round(y / s) in [-127, 127], s = max |y| / 127; the prefilter's dot products
+// are then exact integers): writes q, returns s and sets st.ne >= |y - y~| (float32 residuals, one
+// rounding each, summed as the norms) and st.nt = st.n + st.ne >= |y~|.
+float quantize_i8(const float* y, int64_t d, int8_t* q, VecStats& st) {
+  const float mx = st.amax;
+  const float s = mx > 0.0f && std::isfinite(mx) ? mx / 127.0f : 1.0f, inv = 1.0f / s;
+  float se[16] = {0};
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 a_e = _mm512_setzero_ps();
+  const __m512 vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(s);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (; t + 16 <= d; t += 16) {
+    const __m512 v = _mm512_loadu_ps(y + t);
+    __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v, vinv));  // round to nearest even
+    qi = _mm512_min_epi32(_mm512_max_epi32(qi, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + t), _mm512_cvtepi32_epi8(qi));
+    const __m512 e = _mm512_fnmadd_ps(vs, _mm512_cvtepi32_ps(qi), v);
+    a_e = _mm512_fmadd_ps(e, e, a_e);
+  }
+  _mm512_storeu_ps(se, a_e);
+#endif
+  for (; t < d; ++t) {
+    const float qf = std::min(127.0f, std::max(-127.0f, std::nearbyint(y[t] * inv)));
+    q[t] = static_cast<int8_t>(qf);
+    const float e = std::fma(-s, qf, y[t]);
+    se[t % 16] = std::fma(e, e, se[t % 16]);
+  }
+  const double grow = 1.0 + 2.0 * static_cast<double>(d + 16) * kU32, under = static_cast<double>(d + 16) * kTinyNormal;
+  st.ne = std::sqrt(static_cast<double>(reduce16(se)) * grow + under) * (1.0 + 4.0 * kU32);
+  st.nt = st.n + st.ne;
+  return s;
+}
+
+// A vector's statistics for `mode`, writing its low-precision copy into row `r` of `low`; the int8 scale
+// (1 for the other modes) into *scale.
+VecStats prefilter_stats(int64_t mode, const float* y, int64_t d, float sign, at::Tensor& low, int64_t r, float* scale) {
+  *scale = 1.0f;
+  if (mode == kBFloat16) return vec_stats(y, d, sign, reinterpret_cast<uint16_t*>(low.data_ptr<at::BFloat16>()) + r * d);
+  VecStats st = vec_stats(y, d, sign, nullptr);
+  if (mode == kInt8 && st.regular) *scale = quantize_i8(y, d, low.data_ptr<int8_t>() + r * d, st);
+  return st;
+}
+
+at::ScalarType low_dtype(int64_t mode) { return mode == kBFloat16 ? at::kBFloat16 : at::kChar; }
+at::ScalarType score_dtype(int64_t mode) {
+  return mode == kBFloat16 ? at::kBFloat16 : (mode == kInt8 ? at::kInt : at::kFloat);
+}
+
+// A prefilter candidate: approximate score v, its error bound e (|v - exact| <= e), c_j, word.
+struct Cand {
+  float v, e, c;
+  int32_t i;
+};
+
+// Where a word's float32 vector comes from: the vocabulary itself (float32, contiguous) or a row
+// converted into scratch.
+struct VocabRows {
+  const at::Tensor* vocab;
+  const float* f32;  // non-null when the vocabulary is float32 and contiguous
+  int64_t d;
+
+  const float* row(int64_t j, float* scratch) const {
+    if (f32 != nullptr) return f32 + j * d;
+    at::Tensor dst = at::from_blob(scratch, {d}, at::TensorOptions().dtype(at::kFloat));
+    dst.copy_(vocab->select(0, j));
+    return scratch;
+  }
+
+  void prefetch(int64_t j) const {
+    if (f32 == nullptr) return;
+    const char* p = reinterpret_cast<const char*>(f32 + j * d);
+    for (int64_t off = 0; off < d * 4; off += 64) __builtin_prefetch(p + off);
+  }
+
+  // rows [j0, j0 + n) as float32 (a view, or copied into `buf`)
+  const float* tile(int64_t j0, int64_t n, at::Tensor& buf) const {
+    if (f32 != nullptr) return f32 + j0 * d;
+    at::Tensor dst = buf.narrow(0, 0, n);
+    dst.copy_(vocab->narrow(0, j0, n));
+    return dst.data_ptr<float>();
+  }
+};
+
+// The per-row state of one vocabulary split: candidate buffer, exact top-k and L.
+struct RowState {
+  Cand* buf;
+  int64_t cnt;
+  int64_t cap;
+  float L;  // a lower bound of the row's k-th largest exact score
+  RowTopK<float> exact;
+  int64_t rescored;
+};
+
+// Work shared by the threads of one call.
+struct Problem {
+  const float* pn;  // normalized patches (M x d)
+  VocabRows vocab;
+  int64_t k;
+  int64_t d;
+  std::atomic<float>* row_L;  // per row, the largest L of any vocabulary split (a lower bound for all)
+};
+
+inline float share_L(std::atomic<float>& shared, float L) {  // max(shared, L), stored and returned
+  float cur = shared.load(std::memory_order_relaxed);
+  while (L > cur && !shared.compare_exchange_weak(cur, L, std::memory_order_relaxed)) {
+  }
+  return std::max(cur, L);
+}
+
+// Per-thread scratch.
+struct Scratch {
+  std::vector<float> lows;  // lower bounds for kth_lower
+  std::vector<float> row;   // one converted vocabulary row
+};
+
+inline void push_exact(RowState& st, float s, int64_t j) {
+  if (!(s < st.exact.thr)) st.exact.push(s, j);  // ties are kept: the compaction orders them by index
+}
+
+void rescore(RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
+  const float* x = pb.pn + r * pb.d;
+  for (int64_t t = 0; t < st.cnt; ++t) {
+    const Cand& cd = st.buf[t];
+    if (t + 1 < st.cnt) pb.vocab.prefetch(st.buf[t + 1].i);
+    push_exact(st, dot_f32(x, pb.vocab.row(cd.i, sc.row.data()), pb.d) * cd.c, cd.i);
+  }
+  st.rescored += st.cnt;
+  st.cnt = 0;
+}
+
+// The k-th largest of the candidates' lower bounds and the exact scores (NaN as +inf), or -inf.
+float kth_lower(RowState* const* states, int64_t n_states, int64_t k, std::vector<float>& lows) {
+  lows.clear();
+  for (int64_t s = 0; s < n_states; ++s) {
+    const RowState& st = *states[s];
+    for (int64_t t = 0; t < st.cnt; ++t) lows.push_back(st.buf[t].v - st.buf[t].e);
+    for (int64_t t = 0; t < st.exact.cnt; ++t) {
+      const float v = st.exact.e[t].v;
+      lows.push_back(std::isnan(v) ? std::numeric_limits<float>::infinity() : v);
+    }
+  }
+  if (static_cast<int64_t>(lows.size()) < k) return -std::numeric_limits<float>::infinity();
+  std::nth_element(lows.begin(), lows.begin() + (k - 1), lows.end(), std::greater<float>());
+  return lows[k - 1];
+}
+
+// Drop the candidates that cannot reach L; rescore the rest when they still fill half the buffer.
+void compact(RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
+  RowState* self = &st;
+  st.L = share_L(pb.row_L[r], std::max(st.L, kth_lower(&self, 1, pb.k, sc.lows)));
+  int64_t kept = 0;
+  for (int64_t t = 0; t < st.cnt; ++t)
+    if (st.buf[t].v + st.buf[t].e >= st.L) st.buf[kept++] = st.buf[t];
+  st.cnt = kept;
+  if (st.cnt > st.cap / 2) rescore(st, pb, r, sc);
+}
+
+inline void push_cand(RowState& st, const Cand& cd, const Problem& pb, int64_t r, Scratch& sc) {
+  if (st.cnt == st.cap) {
+    compact(st, pb, r, sc);
+    if (cd.v + cd.e < st.L) return;
+  }
+  st.buf[st.cnt++] = cd;
+}
+
+inline float score_value(float x) { return x; }
+inline float score_value(uint16_t x) { return from_bf16(x); }
+inline float score_value(int32_t x) { return static_cast<float>(x); }
+
+// Prefilter scores v = raw * xm * w_j of one row against one tile: keep j when v + (e + rel |v|) >= L.
+template <typename S>
+void filter_tile_row(const S* raw, const float* w, const float* c, int64_t n, int64_t j0, float xm, float e, float rel,
+                     RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  __m512 vL = _mm512_set1_ps(st.L);
+  const __m512 ve = _mm512_set1_ps(e), vr = _mm512_set1_ps(rel), vxm = _mm512_set1_ps(xm);
+  for (; j + 16 <= n; j += 16) {
+    __m512 v;
+    if constexpr (std::is_same_v<S, uint16_t>) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + j));
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else if constexpr (std::is_same_v<S, int32_t>) {
+      v = _mm512_cvtepi32_ps(_mm512_loadu_si512(raw + j));
+    } else {
+      v = _mm512_loadu_ps(raw + j);
+    }
+    const __m512 cv = _mm512_loadu_ps(c + j);
+    v = _mm512_mul_ps(_mm512_mul_ps(v, vxm), _mm512_loadu_ps(w + j));
+    const __m512 err = _mm512_fmadd_ps(vr, _mm512_abs_ps(v), ve);
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_add_ps(v, err), vL, _CMP_GE_OQ);
+    if (m != 0) {
+      alignas(64) float tv[16], te[16], tc[16];
+      _mm512_store_ps(tv, v);
+      _mm512_store_ps(te, err);
+      _mm512_store_ps(tc, cv);
+      uint32_t bits = m;
+      while (bits) {
+        const int b = __builtin_ctz(bits);
+        bits &= bits - 1;
+        if (tv[b] + te[b] >= st.L) push_cand(st, Cand{tv[b], te[b], tc[b], static_cast<int32_t>(j0 + j + b)}, pb, r, sc);
+      }
+      vL = _mm512_set1_ps(st.L);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const float v = score_value(raw[j]) * xm * w[j];
+    const float err = e + rel * std::fabs(v);
+    if (v + err >= st.L) push_cand(st, Cand{v, err, c[j], static_cast<int32_t>(j0 + j)}, pb, r, sc);
+  }
+}
+
+// Rows x tile scored exactly (prefilter 0, and rows or tiles with Inf/NaN/huge values).
+void exact_tile_row(const float* y, const float* c, int64_t n, int64_t j0, RowState& st, const Problem& pb,
+                    int64_t r) {
+  const float* x = pb.pn + r * pb.d;
+  for (int64_t j = 0; j < n; ++j) push_exact(st, dot_f32(x, y + j * pb.d, pb.d) * c[j], j0 + j);
+  st.rescored += n;
+}
+
+struct TileStats {
+  double A = 0, B = 0, G = 0;  // max_j |c_j| |y~_j|, |c_j| |y_j - y~_j|, |c_j| |y_j|
+  bool regular = true;
+};
+
+// The bound's constant part for a row x against a tile: e = |c| (|x - x~| |y~| + |x~| |y - y~| + |x - x~|
+// |y - y~| + gamma (|x~| |y~| + |x| |y|)) + margin (the row-dependent part rel |v| is added per score).
+inline float tile_error(const VecStats& x, const TileStats& t, double gamma) {
+  const double e = x.ne * t.A + x.nt * t.B + x.ne * t.B + gamma * (x.nt * t.A + x.n * t.G);
+  return static_cast<float>(e * (1.0 + 1e-6) + kAbsMargin);
+}
+
+// The patches' side of a call: statistics, low-precision copy and int8 scales of every row.
+struct PatchSide {
+  std::vector<VecStats> stats;
+  std::vector<float> scale;
+  at::Tensor low;
+};
+
+// Per-thread buffers of one task: a float32 tile (when the vocabulary is not float32), its low-precision
+// copy, the prefilter scores, and per word c_j, the prefilter multiplier w_j and statistics.
+struct TileBuffers {
+  at::Tensor ybuf, ylow, sbuf;
+  std::vector<float> c, w;
+  std::vector<VecStats> ys;
+};
+
+// Statistics and low-precision copy of tile rows y[0..n); the tile's maxima for the bound.
+TileStats tile_stats(int64_t mode, const float* y, int64_t n, int64_t d, float sign, TileBuffers& tb) {
+  TileStats ts;
+  for (int64_t j = 0; j < n; ++j) {
+    float scale;
+    tb.ys[j] = prefilter_stats(mode, y + j * d, d, sign, tb.ylow, j, &scale);
+    tb.c[j] = tb.ys[j].c;
+    tb.w[j] = tb.c[j] * scale;
+    const double ac = std::fabs(static_cast<double>(tb.c[j]));
+    ts.A = std::max(ts.A, ac * tb.ys[j].nt);
+    ts.B = std::max(ts.B, ac * tb.ys[j].ne);
+    ts.G = std::max(ts.G, ac * tb.ys[j].n);
+    ts.regular = ts.regular && tb.ys[j].regular;
+  }
+  ts.regular = ts.regular && std::isfinite(ts.A + ts.B + ts.G);
+  return ts;
+}
+
+// Prefilter scores of patch rows [r, r + sb) against the tile (sb x n, into tb.sbuf).
+void prefilter_product(int64_t mode, const Problem& pb, const PatchSide& xp, const float* y, int64_t r, int64_t sb,
+                       int64_t n, TileBuffers& tb) {
+  const int64_t d = pb.d;
+  at::Tensor out = tb.sbuf.narrow(0, 0, sb * n).view({sb, n});
+  if (mode == kFloat32) {
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor yt = at::from_blob(const_cast<float*>(y), {n, d}, f32);
+    at::mm_out(out, at::from_blob(const_cast<float*>(pb.pn + r * d), {sb, d}, f32), yt.t());
+  } else if (mode == kBFloat16) {
+    at::mm_out(out, xp.low.narrow(0, r, sb), tb.ylow.narrow(0, 0, n).t());
+  } else {
+    at::_int_mm_out(out, xp.low.narrow(0, r, sb), tb.ylow.narrow(0, 0, n).t());
+  }
+}
+
+// One task: rows [r0, r0 + mb) against the vocabulary range of `split`.
+void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, const PatchSide& xp,
+                RowState* states, int64_t M, int64_t q, int64_t r0, int64_t mb, int64_t split, Scratch& sc,
+                TileBuffers& tb) {
+  const int64_t d = pb.d, T = plan.tile;
+  const double gamma = static_cast<double>(d + 64) * kU32 / (1.0 - static_cast<double>(d + 64) * kU32);
+  const float rel = static_cast<float>((mode == kBFloat16 ? kBf16Out * (1.0 + 1e-6) : 0.0) + 8.0 * kU32);
+  const int64_t j_begin = split * plan.tiles_per_split * T;
+  const int64_t j_end = std::min(q, j_begin + plan.tiles_per_split * T);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += T) {
+    const int64_t n = std::min(T, j_end - j0);
+    const float* y = pb.vocab.tile(j0, n, tb.ybuf);
+    const TileStats ts = tile_stats(mode, y, n, d, negate ? -1.0f : 1.0f, tb);
+    const bool exact = mode == kExact || !ts.regular;
+    for (int64_t s0 = 0; s0 < mb; s0 += plan.sub_rows) {
+      const int64_t sb = std::min(plan.sub_rows, mb - s0);
+      if (!exact) prefilter_product(mode, pb, xp, y, r0 + s0, sb, n, tb);
+      for (int64_t t = 0; t < sb; ++t) {
+        const int64_t r = r0 + s0 + t;
+        RowState& st = states[split * M + r];
+        if (exact || !xp.stats[r].regular) {
+          exact_tile_row(y, tb.c.data(), n, j0, st, pb, r);
+          continue;
+        }
+        const float e = tile_error(xp.stats[r], ts, gamma), xm = xp.scale[r];
+        const float* w = tb.w.data();
+        const float* c = tb.c.data();
+        if (mode == kBFloat16)
+          filter_tile_row(reinterpret_cast<const uint16_t*>(tb.sbuf.data_ptr<at::BFloat16>()) + t * n, w, c, n, j0, xm,
+                          e, rel, st, pb, r, sc);
+        else if (mode == kInt8)
+          filter_tile_row(tb.sbuf.data_ptr<int32_t>() + t * n, w, c, n, j0, xm, e, rel, st, pb, r, sc);
+        else
+          filter_tile_row(tb.sbuf.data_ptr<float>() + t * n, w, c, n, j0, xm, e, rel, st, pb, r, sc);
+      }
+    }
+  }
+}
+
+// Row r's result from all splits: L over everything, the surviving candidates rescored, the top-k.
+void finish_row32(RowState* states, int64_t n_splits, int64_t M, int64_t r, const Problem& pb, Scratch& sc,
+                  std::vector<Entry<float>>& all, float* out_v, int64_t* out_i, int64_t* out_n) {
+  std::vector<RowState*> mine;
+  for (int64_t s = 0; s < n_splits; ++s) mine.push_back(&states[s * M + r]);
+  float L = kth_lower(mine.data(), n_splits, pb.k, sc.lows);
+  for (RowState* st : mine) L = std::max(L, st->L);
+  all.clear();
+  int64_t rescored = 0;
+  const float* x = pb.pn + r * pb.d;
+  for (RowState* st : mine) {
+    for (int64_t t = 0; t < st->exact.cnt; ++t) all.push_back(st->exact.e[t]);
+    for (int64_t t = 0; t < st->cnt; ++t) {
+      const Cand& cd = st->buf[t];
+      if (cd.v + cd.e < L) continue;
+      all.push_back(Entry<float>{dot_f32(x, pb.vocab.row(cd.i, sc.row.data()), pb.d) * cd.c, cd.i});
+      ++rescored;
+    }
+    rescored += st->rescored;
+  }
+  TORCH_CHECK(static_cast<int64_t>(all.size()) >= pb.k, "cosine_topk: internal error (fewer than k survivors)");
+  write_row<float>(all.data(), static_cast<int64_t>(all.size()), pb.k, out_v, out_i);
+  out_n[0] = rescored;
+}
+
+// (values, indices, rescored): the exact float32 top-k of normalized patches pn, and per row the number
+// of words scored exactly.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, const at::Tensor& vocab, int64_t k,
+                                                        bool negate, int64_t tile, int64_t row_block, int64_t mode) {
+  const int64_t M = pn.size(0), d = pn.size(1), q = vocab.size(0);
+  TORCH_CHECK(q < std::numeric_limits<int32_t>::max(), "cosine_topk: vocabulary too large");
+  TORCH_CHECK(mode >= kExact && mode <= kInt8, "cosine_topk: prefilter must be 0, 1, 2 or 3");
+  if (mode == kInt8 && d > 100000) mode = kFloat32;  // int32 dot products of d int8 pairs must not overflow
+  const auto opts = pn.options();
+  at::Tensor values = at::empty({M, k}, opts.dtype(at::kFloat));
+  at::Tensor indices = at::empty({M, k}, opts.dtype(at::kLong));
+  at::Tensor rescored = at::zeros({M}, opts.dtype(at::kLong));
+  if (M == 0) return {values, indices, rescored};
+
+  const bool direct = vocab.scalar_type() == at::kFloat && vocab.is_contiguous();
+  std::vector<std::atomic<float>> row_L(static_cast<size_t>(M));
+  for (auto& L : row_L) L.store(-std::numeric_limits<float>::infinity());
+  const Problem pb{pn.data_ptr<float>(), VocabRows{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d}, k, d,
+                   row_L.data()};
+  // A small call (under ~1 ms of work, automatic tiling) runs in the calling thread: no thread-pool wake-ups.
+  const bool small = tile <= 0 && row_block <= 0 && static_cast<double>(M) * q * d < 4e6;
+  // Row blocks of up to 4096 rows: each block converts the vocabulary once.
+  const Plan plan = make_plan(M, q, tile, row_block, small ? 1 : at::get_num_threads(), 4096, 4096);
+
+  // Row statistics and the low-precision copy of the patches.
+  PatchSide xp;
+  xp.stats.resize(static_cast<size_t>(M));
+  xp.scale.assign(static_cast<size_t>(M), 1.0f);
+  if (mode == kBFloat16 || mode == kInt8) xp.low = at::empty({M, d}, opts.dtype(low_dtype(mode)));
+  at::parallel_for(0, M, small ? M : 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) xp.stats[r] = prefilter_stats(mode, pb.pn + r * d, d, 1.0f, xp.low, r, &xp.scale[r]);
+  });
+
+  const int64_t cap = std::max<int64_t>(4 * k, 64), kcap = k + std::max<int64_t>(k, 32);
+  const int64_t n_states = plan.n_vocab_splits * M;
+  std::vector<Cand> cand(static_cast<size_t>(n_states * cap));
+  std::vector<Entry<float>> exact(static_cast<size_t>(n_states * kcap));
+  std::vector<RowState> states(static_cast<size_t>(n_states));
+  for (int64_t s = 0; s < n_states; ++s) {
+    RowState& st = states[s];
+    st.buf = cand.data() + s * cap;
+    st.cnt = 0;
+    st.cap = cap;
+    st.L = -std::numeric_limits<float>::infinity();
+    st.exact = RowTopK<float>{exact.data() + s * kcap, 0, k, kcap, -std::numeric_limits<float>::infinity()};
+    st.rescored = 0;
+  }
+
+  const int64_t n_tasks = plan.n_row_blocks * plan.n_vocab_splits;
+  at::parallel_for(0, n_tasks, small ? n_tasks : 1, [&](int64_t t_begin, int64_t t_end) {
+    const int64_t T = plan.tile;
+    Scratch sc;
+    sc.row.resize(static_cast<size_t>(d));
+    TileBuffers tb;
+    if (!direct) tb.ybuf = at::empty({T, d}, opts.dtype(at::kFloat));
+    if (mode == kBFloat16 || mode == kInt8) tb.ylow = at::empty({T, d}, opts.dtype(low_dtype(mode)));
+    tb.sbuf = at::empty({plan.sub_rows * T}, opts.dtype(score_dtype(mode)));
+    tb.c.resize(static_cast<size_t>(T));
+    tb.w.resize(static_cast<size_t>(T));
+    tb.ys.resize(static_cast<size_t>(T));
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t blk = task / plan.n_vocab_splits, split = task % plan.n_vocab_splits;
+      const int64_t r0 = blk * plan.rows_per_block, mb = std::min(plan.rows_per_block, M - r0);
+      run_task32(pb, plan, mode, negate, xp, states.data(), M, q, r0, mb, split, sc, tb);
+    }
+  });
+
+  float* out_v = values.data_ptr<float>();
+  int64_t* out_i = indices.data_ptr<int64_t>();
+  int64_t* out_n = rescored.data_ptr<int64_t>();
+  at::parallel_for(0, M, small ? M : 16, [&](int64_t begin, int64_t end) {
+    Scratch sc;
+    sc.row.resize(static_cast<size_t>(d));
+    std::vector<Entry<float>> all;
+    for (int64_t r = begin; r < end; ++r)
+      finish_row32(states.data(), plan.n_vocab_splits, M, r, pb, sc, all, out_v + r * k, out_i + r * k, out_n + r);
+  });
+  return {values, indices, rescored};
+}
+
+// The float32 score of every pair (M x q), for tests: the arithmetic that cosine_topk ranks.
+at::Tensor scores_f32(const at::Tensor& pn, const at::Tensor& vocab, bool negate) {
+  const int64_t M = pn.size(0), d = pn.size(1), q = vocab.size(0);
+  at::Tensor out = at::empty({M, q}, pn.options().dtype(at::kFloat));
+  at::Tensor v = vocab.to(at::kFloat).contiguous();
+  const float* y = v.data_ptr<float>();
+  const float* x = pn.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  std::vector<float> c(static_cast<size_t>(q));
+  for (int64_t j = 0; j < q; ++j) c[j] = vec_stats(y + j * d, d, negate ? -1.0f : 1.0f, nullptr).c;
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t j = 0; j < q; ++j) o[r * q + j] = dot_f32(x + r * d, y + j * d, d) * c[j];
+  });
+  return out;
+}
+
+at::Tensor normalize_rows(const at::Tensor& patches) {
+  // The reference computes in float64 for float64 patches, else in float32.
+  const auto acc = patches.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor p = patches.to(acc);
+  return (p / p.norm(2, {1}, true).clamp_min(kNormEps)).contiguous();  // F.normalize
+}
+
+void check_topk_args(const at::Tensor& patches, const at::Tensor& vocab, int64_t k) {
   TORCH_CHECK(patches.dim() == 2 && vocab.dim() == 2, "cosine_topk: patches (M, d) and vocab (q, d) expected");
   TORCH_CHECK(patches.size(1) == vocab.size(1), "cosine_topk: feature dimensions differ");
   TORCH_CHECK(k >= 1 && k <= vocab.size(0), "cosine_topk: k must be in 1..q");
   TORCH_CHECK(patches.device().is_cpu() && vocab.device().is_cpu(), "cosine_topk: CPU tensors expected");
+}
+
+// (values, indices, rescored): rescored[r] is the number of words row r scored exactly (float32 path;
+// zeros for float64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_topk(const at::Tensor& patches, const at::Tensor& vocab,
+                                                           int64_t k, bool negate, int64_t tile, int64_t row_block,
+                                                           int64_t prefilter) {
+  check_topk_args(patches, vocab, k);
   at::NoGradGuard no_grad;
-  // The reference computes in float64 for float64 patches, else in float32.
-  const auto acc = patches.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor p = patches.to(acc);
-  at::Tensor pn = (p / p.norm(2, {1}, true).clamp_min(kNormEps)).contiguous();  // F.normalize
-  if (acc == at::kDouble) return topk_kernel<double>(pn, vocab, k, negate, tile, row_block);
-  return topk_kernel<float>(pn, vocab, k, negate, tile, row_block);
+  at::Tensor pn = normalize_rows(patches);
+  if (pn.scalar_type() == at::kDouble) {
+    auto tk = topk_kernel<double>(pn, vocab, k, negate, tile, row_block);
+    return {std::get<0>(tk), std::get<1>(tk), at::zeros({pn.size(0)}, pn.options().dtype(at::kLong))};
+  }
+  return topk_f32(pn, vocab, k, negate, tile, row_block, prefilter);
+}
+
+at::Tensor exact_scores(const at::Tensor& patches, const at::Tensor& vocab, bool negate) {
+  check_topk_args(patches, vocab, 1);
+  TORCH_CHECK(patches.scalar_type() != at::kDouble, "exact_scores: float32 scoring only");
+  at::NoGradGuard no_grad;
+  return scores_f32(normalize_rows(patches), vocab, negate);
 }
 
 // Steps 2-4 of the contract from sorted top scores values (B, P, n) f32 and indices (B, P, n).
@@ -303,7 +909,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_windows(const 
   float* o_score = score.data_ptr<float>();
   bool* o_valid = valid.data_ptr<bool>();
 
-  at::parallel_for(0, B * nw, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nw, 4096, [&](int64_t begin, int64_t end) {  // ~0.1 us per window
     std::vector<int64_t> eligible(static_cast<size_t>(window * window));
     std::vector<float> cdf(static_cast<size_t>(n));
     for (int64_t bw = begin; bw < end; ++bw) {
@@ -360,10 +966,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_labels(const at
                                                                         const at::Tensor& vocab, int64_t H, int64_t W,
                                                                         int64_t top_n, int64_t window, bool negate,
                                                                         const at::Tensor& uniforms, int64_t tile,
-                                                                        int64_t row_block) {
+                                                                        int64_t row_block, int64_t prefilter) {
   TORCH_CHECK(patches.dim() == 3 && patches.size(1) == H * W, "patch_labels: patches must be (B, H*W, d)");
   const int64_t B = patches.size(0), P = patches.size(1);
-  auto tk = cosine_topk(patches.reshape({B * P, patches.size(2)}), vocab, top_n, negate, tile, row_block);
+  auto tk = cosine_topk(patches.reshape({B * P, patches.size(2)}), vocab, top_n, negate, tile, row_block, prefilter);
   return sample_windows(std::get<0>(tk).view({B, P, top_n}), std::get<1>(tk).view({B, P, top_n}), H, W, window,
                         uniforms);
 }
@@ -373,10 +979,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_labels(const at
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SEA token-level labels: tiled cosine top-k and window label sampling (CPU)";
   m.def("cosine_topk", &cosine_topk, "cosine top-k over vocabulary tiles", py::arg("patches"), py::arg("vocab"),
-        py::arg("k"), py::arg("negate"), py::arg("tile") = 0, py::arg("row_block") = 0);
+        py::arg("k"), py::arg("negate"), py::arg("tile") = 0, py::arg("row_block") = 0, py::arg("prefilter") = 2);
+  m.def("exact_scores", &exact_scores, "the float32 scores cosine_topk ranks (M x q; for tests)", py::arg("patches"),
+        py::arg("vocab"), py::arg("negate"));
   m.def("sample_windows", &sample_windows, "window label sampling from sorted top scores", py::arg("values"),
         py::arg("indices"), py::arg("H"), py::arg("W"), py::arg("window"), py::arg("uniforms"));
   m.def("patch_labels", &patch_labels, "cosine top-k + window label sampling", py::arg("patches"), py::arg("vocab"),
         py::arg("H"), py::arg("W"), py::arg("top_n"), py::arg("window"), py::arg("negate"), py::arg("uniforms"),
-        py::arg("tile") = 0, py::arg("row_block") = 0);
+        py::arg("tile") = 0, py::arg("row_block") = 0, py::arg("prefilter") = 2);
 }

@@ -10,7 +10,7 @@
 * ``sea selfcheck``: run every op with every available backend.
 * ``sea export --format llava-hf CHECKPOINT OUT``: a ``LlavaForConditionalGeneration`` folder.
 * ``sea build``: compile the C++ CPU kernels now (they are otherwise compiled on first use).
-* ``sea bench [--ops topk,labels,loss,stage1] [--sizes quick|full] [--device cpu|cuda] [--out DIR]``:
+* ``sea bench [--ops topk,labels,loss,stage1] [--sizes quick|full|NAME,...] [--device cpu|cuda] [--out DIR]``:
   benchmarks against the reference (see :mod:`sea_model.bench`).
 
 Every subcommand runs through :func:`run_command`: a user error (a bad option, configuration,
@@ -289,9 +289,9 @@ def _bench_parser(sub) -> None:
     )
     p.add_argument(
         "--sizes",
-        choices=["quick", "full"],
         default="quick",
-        help="quick: minutes on a 2-core CPU; full: the paper's shapes",
+        help="quick: minutes on a 2-core CPU; full: the paper's shapes; or comma-separated size names "
+        "(e.g. llava-cpu: a Stage-1 step at the proportions of a small MLLM on a CPU)",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="sea-bench", help="output directory (default ./sea-bench)")

@@ -57,7 +57,7 @@ def test_cosine_topk_matches_reference(path, dtype, negate, k, tile):
     use_cpp = _use_cpp(path)
     # q = 300: smaller than one default tile, not a multiple of 64 or of the 16-wide vector step; d = 40 likewise
     patches, vocab = make_inputs(37, 300, 40, dtype, seed=k + 10 * negate)
-    fast = cpu_labels.cosine_topk_impl(patches, vocab, k, negate, tile=tile, use_cpp=use_cpp)
+    fast = cpu_labels.cosine_topk(patches, vocab, k, negate, tile=tile, use_cpp=use_cpp)
     ref = labels.cosine_topk_reference(patches, vocab, k, negate)
     check_topk(fast, ref, patches, vocab, k, negate)
 
@@ -79,7 +79,7 @@ def test_cosine_topk_shapes(path, m, q, d, k):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the vocabulary split/merge of the C++ path needs more than one thread
     try:
-        fast = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=32, use_cpp=use_cpp)
+        fast = cpu_labels.cosine_topk(patches, vocab, k, False, tile=32, use_cpp=use_cpp)
     finally:
         torch.set_num_threads(threads)
     ref = labels.cosine_topk_reference(patches, vocab, k, False)
@@ -93,28 +93,31 @@ def test_cosine_topk_noncontiguous_and_mixed_dtypes(path):
     patches = torch.randn(40, 33, generator=g).T  # (33, 40) non-contiguous
     vocab = torch.randn(40, 250, generator=g).T  # (250, 40) non-contiguous
     for p, v in [(patches, vocab), (patches, vocab.to(torch.bfloat16)), (patches.half(), vocab.double())]:
-        fast = cpu_labels.cosine_topk_impl(p, v, 8, True, tile=64, use_cpp=use_cpp)
+        fast = cpu_labels.cosine_topk(p, v, 8, True, tile=64, use_cpp=use_cpp)
         ref = labels.cosine_topk_reference(p, v, 8, True)
         check_topk(fast, ref, p, v, 8, True)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_tiling_does_not_change_results(path):
-    """Vocabulary tiles of any size (and the thread split) give bit-identical results: the merge is right."""
+    """Vocabulary tiles of any size (and the thread split) give bit-identical results: the merge is right.
+    The C++ path is exact for any row block and thread count too (its float32 scores do not depend on them)."""
     use_cpp = _use_cpp(path)
     patches, vocab = make_inputs(70, 1000, 48, torch.float32, seed=7)
     for k in (1, 10, 64):
-        base = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=1024, row_block=16, use_cpp=use_cpp)
+        base = cpu_labels.cosine_topk(patches, vocab, k, False, tile=1024, row_block=16, use_cpp=use_cpp)
         # (a 1-column last tile would make MKL use gemv, rounding differently: 1000 % tile != 1 here)
         for tile in (16, 48, 100, 334, 4096):
-            got = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=tile, row_block=16, use_cpp=use_cpp)
+            got = cpu_labels.cosine_topk(patches, vocab, k, False, tile=tile, row_block=16, use_cpp=use_cpp)
             assert torch.equal(got.indices, base.indices), (k, tile)
             assert torch.equal(got.values, base.values), (k, tile)
-        # other row blocks change the matmul shape, hence rounding: equal up to near ties
         ref = labels.cosine_topk_reference(patches, vocab, k, False)
         for row_block in (1, 7, None):
-            got = cpu_labels.cosine_topk_impl(patches, vocab, k, False, tile=48, row_block=row_block, use_cpp=use_cpp)
-            check_topk(got, ref, patches, vocab, k, False)
+            got = cpu_labels.cosine_topk(patches, vocab, k, False, tile=48, row_block=row_block, use_cpp=use_cpp)
+            if use_cpp:
+                assert torch.equal(got.indices, base.indices) and torch.equal(got.values, base.values), row_block
+            else:  # other row blocks change the matmul shape, hence rounding: equal up to near ties
+                check_topk(got, ref, patches, vocab, k, False)
 
 
 def test_exact_ties_prefer_the_smaller_index():
@@ -127,11 +130,11 @@ def test_exact_ties_prefer_the_smaller_index():
     patches[:, 0] = torch.tensor([1.0, 2.0, 0.5, 3.0])
     for negate in (False, True):
         for k in (1, 7, 40):
-            got = cpu_labels.cosine_topk_impl(patches, vocab, k, negate, tile=64, use_cpp=True)
+            got = cpu_labels.cosine_topk(patches, vocab, k, negate, tile=64, use_cpp=True)
             assert torch.equal(got.indices, torch.arange(k).expand(4, k)), (negate, k)
             assert (got.values == 0).all()
     # and the fallback still returns k distinct zero-score indices
-    got = cpu_labels.cosine_topk_impl(patches, vocab, 40, False, tile=64, use_cpp=False)
+    got = cpu_labels.cosine_topk(patches, vocab, 40, False, tile=64, use_cpp=False)
     assert (got.values == 0).all() and (got.indices.sort(1).values.diff(dim=1) > 0).all()
 
 
@@ -143,7 +146,7 @@ def test_nan_scores_rank_first_like_torch_topk(path):
     vocab[37, 3] = float("nan")  # column 37 is NaN for every patch
     patches[4, 0] = float("nan")  # row 4 is NaN everywhere
     for k in (1, 6):
-        got = cpu_labels.cosine_topk_impl(patches, vocab, k, True, tile=64, use_cpp=use_cpp)
+        got = cpu_labels.cosine_topk(patches, vocab, k, True, tile=64, use_cpp=use_cpp)
         ref = labels.cosine_topk_reference(patches, vocab, k, True)
         rows = torch.arange(20) != 4
         assert (got.indices[rows, 0] == 37).all() and got.values[rows, 0].isnan().all()
@@ -186,7 +189,7 @@ def test_patch_labels_matches_reference(path, dtype, negate, top_n):
     use_cpp = _use_cpp(path)
     grid = (5, 7)  # H != W, P = 35 not a multiple of the window: partial edge windows
     patches, vocab, u = labels_inputs(2, grid, 300, 40, dtype, negate, seed=top_n + negate)
-    fast = cpu_labels.patch_labels_impl(patches, vocab, grid, top_n, 2, negate, u, tile=64, use_cpp=use_cpp)
+    fast = cpu_labels.patch_labels(patches, vocab, grid, top_n, 2, negate, u, tile=64, use_cpp=use_cpp)
     ref = labels.patch_labels_reference(patches, vocab, grid, top_n, 2, negate, u)
     assert ref.valid.any() and not ref.valid.all() and not ref.valid[0, 0]  # the inputs exercise both cases
     check_labels(fast, ref, patches, vocab, grid, top_n, negate, u)
@@ -198,7 +201,7 @@ def test_patch_labels_windows(path, grid, window):
     use_cpp = _use_cpp(path)
     patches, vocab, _ = labels_inputs(3, grid, 200, 24, torch.float32, False, seed=window)
     u = torch.rand(3, labels.num_windows(grid, window), 2, generator=torch.Generator().manual_seed(window))
-    fast = cpu_labels.patch_labels_impl(patches, vocab, grid, 10, window, False, u, use_cpp=use_cpp)
+    fast = cpu_labels.patch_labels(patches, vocab, grid, 10, window, False, u, use_cpp=use_cpp)
     ref = labels.patch_labels_reference(patches, vocab, grid, 10, window, False, u)
     check_labels(fast, ref, patches, vocab, grid, 10, False, u, window)
 
@@ -261,4 +264,116 @@ def test_backend_falls_back_without_the_extension(monkeypatch):
     check_topk(tk, labels.cosine_topk_reference(patches.reshape(-1, 16), vocab, 3, False), patches, vocab, 3, False)
     assert len(calls) == 2
     with pytest.raises(RuntimeError):
-        cpu_labels.cosine_topk_impl(patches.reshape(-1, 16), vocab, 3, False, use_cpp=True)
+        cpu_labels.cosine_topk(patches.reshape(-1, 16), vocab, 3, False, use_cpp=True)
+
+
+# ----------------------------------------------------------------------------- exact top-k through a prefilter
+
+PREFILTERS = sorted(cpu_labels.PREFILTERS)
+
+
+def exact_topk(patches, vocab, k, negate):
+    """The top-k of the C++ path's float32 scores, equal scores in index order (a stable sort)."""
+    s = cpu_labels.exact_scores(patches, vocab, negate)
+    values, order = s.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], order[:, :k]
+
+
+def assert_exact(got, patches, vocab, k, negate):
+    values, indices = exact_topk(patches, vocab, k, negate)
+    assert torch.equal(got.values, values), "values differ from the float32 top-k"
+    assert torch.equal(got.indices, indices), "indices differ from the float32 top-k (ties: smaller index first)"
+
+
+def near_duplicates(q, d, seed, eps=1e-6):
+    """Vocabulary rows that are copies of 5 base rows plus differences of ``eps``, some exact copies."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(5, d, generator=g)
+    vocab = base[torch.randint(0, 5, (q,), generator=g)] + eps * torch.randn(q, d, generator=g)
+    vocab[::7] = base[0]  # exact duplicates: exactly equal scores, ordered by index
+    return vocab
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize(
+    "m,q,d,k,tile",
+    [
+        (37, 300, 40, 5, None),  # q below one tile
+        (70, 1000, 48, 10, 64),  # q not a multiple of the tile
+        (5, 700, 33, 16, 128),  # m below one row block, d odd
+        (3, 50, 8, 50, 16),  # k = q
+    ],
+)
+def test_prefilter_is_exact_on_random_inputs(prefilter, negate, m, q, d, k, tile):
+    _use_cpp("cpp")
+    patches, vocab = make_inputs(m, q, d, torch.float32, seed=m + q + k)
+    got = cpu_labels.cosine_topk(patches, vocab, k, negate, tile=tile, prefilter=prefilter, use_cpp=True)
+    assert_exact(got, patches, vocab, k, negate)
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("eps", [1e-6, 1e-4])
+def test_prefilter_is_exact_on_near_duplicates(prefilter, negate, eps):
+    """Hundreds of scores within the prefilter's bound of the k-th (rows differing by eps), and exact ties."""
+    _use_cpp("cpp")
+    vocab = near_duplicates(517, 64, seed=1, eps=eps)  # 517: not a multiple of any tile
+    g = torch.Generator().manual_seed(2)
+    patches = torch.cat([vocab[:6] + 1e-3 * torch.randn(6, 64, generator=g), torch.randn(9, 64, generator=g)])
+    for k in (1, 10, 40):
+        got = cpu_labels.cosine_topk(patches, vocab, k, negate, tile=96, prefilter=prefilter, use_cpp=True)
+        assert_exact(got, patches, vocab, k, negate)
+        if prefilter == "int8":  # the bound is wide enough to keep far more than k words: the buffer overflowed
+            n = cpu_labels.rescored_counts(patches, vocab, k, negate, prefilter=prefilter, tile=96)
+            assert n.max() > 2 * max(4 * k, 64)
+
+
+@pytest.mark.parametrize("prefilter", ["fp32", "bf16", "int8"])
+def test_prefilter_mixed_dtypes_and_threads(prefilter):
+    """fp16/bf16/float64 vocabularies (converted per tile and per rescored row), fp16 patches, 1 and 2 threads."""
+    _use_cpp("cpp")
+    patches, vocab = make_inputs(23, 333, 40, torch.float32, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for p, v in [(patches, vocab.half()), (patches.half(), vocab.bfloat16()), (patches, vocab.double())]:
+                got = cpu_labels.cosine_topk(p, v, 7, True, tile=64, prefilter=prefilter, use_cpp=True)
+                assert_exact(got, p, v, 7, True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_prefilter_survivors():
+    """Every prefilter keeps at least k words per row; the float32 one keeps few more (its bound is ~1e-4)."""
+    _use_cpp("cpp")
+    patches, vocab = make_inputs(64, 3000, 128, torch.float32, seed=6)
+    for prefilter in PREFILTERS:
+        n = cpu_labels.rescored_counts(patches, vocab, 10, False, prefilter=prefilter)
+        assert n.shape == (64,) and (n >= 10).all() and (n <= 3000).all(), prefilter
+        if prefilter == "exact":
+            assert (n == 3000).all()
+        if prefilter == "fp32":
+            assert n.max() <= 20
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+@pytest.mark.parametrize("negate", [False, True])
+def test_sampled_labels_equal_the_reference_on_exact_scores(prefilter, negate):
+    """patch_labels = the contract's sample_windows on the float32 top-k, bit for bit, for every prefilter."""
+    _use_cpp("cpp")
+    grid = (5, 7)
+    patches, vocab, u = labels_inputs(2, grid, 300, 40, torch.float32, negate, seed=3)
+    vocab[::5] = vocab[1]  # exact ties among the candidates
+    got = cpu_labels.patch_labels(patches, vocab, grid, 10, 2, negate, u, tile=64, prefilter=prefilter, use_cpp=True)
+    values, indices = exact_topk(patches.reshape(70, 40), vocab, 10, negate)
+    want = labels.sample_windows(values.view(2, 35, 10), indices.view(2, 35, 10), grid, 2, u)
+    for a, b, name in zip(got, want, want._fields):
+        assert torch.equal(a, b), name
+
+
+def test_unknown_prefilter_is_one_clear_error():
+    patches, vocab = make_inputs(4, 30, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="prefilter must be one of"):
+        cpu_labels.cosine_topk(patches, vocab, 3, False, prefilter="fp8")

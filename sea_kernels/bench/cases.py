@@ -16,8 +16,10 @@ Building a case does its imports and one small call of the same backend (which c
 C++ extension, compiles a Triton kernel, pages in the code), so that a measurement around
 ``fn(*inputs)`` counts only the call itself.
 
-CPU backends: ``reference`` (eager PyTorch), ``cpu`` (the C++ extension), ``cpu_fallback`` (the
-cpu backend's chunked PyTorch path, what runs without a compiler). CUDA: ``reference``, ``triton``.
+CPU backends: ``reference`` (eager PyTorch), ``cpu`` (the C++ extension), ``cpu_fp32`` (labels only: the
+C++ extension with the plain float32 prefilter instead of the default low-precision one),
+``cpu_fallback`` (the cpu backend's chunked PyTorch path, what runs without a compiler). CUDA:
+``reference``, ``triton``.
 """
 
 from __future__ import annotations
@@ -87,9 +89,19 @@ def device_type(device) -> str:
     return torch.device(device).type
 
 
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"sizes must be one of {MODES}; got {mode!r}")
+def size_list(sizes: str) -> list[str]:
+    """The names of ``sizes``: a mode (``quick``, ``full``) or comma-separated size names."""
+    names = [n.strip() for n in sizes.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"sizes must be one of {MODES} or size names; got {sizes!r}")
+    return names
+
+
+def pick_sizes(sizes: str, by_mode: dict, known) -> list[str]:
+    """``by_mode[sizes]`` for a mode, else those of the comma-separated names in ``known``."""
+    if sizes in MODES:
+        return list(by_mode[sizes])
+    return [n for n in size_list(sizes) if n in known]
 
 
 class CaseSet:
@@ -104,8 +116,9 @@ class CaseSet:
     budget_factor = 1.0  # times the timing budget of a case
 
     def size_names(self, op: str, device="cpu", mode: str = "quick") -> list[str]:
-        check_mode(mode)
-        return list(SIZE_NAMES[device_type(device)][mode][op])
+        """The sizes of ``op`` in ``mode``, or among comma-separated size names."""
+        by_mode = {m: names[op] for m, names in SIZE_NAMES[device_type(device)].items()}
+        return pick_sizes(mode, by_mode, LOSS_SIZES if op == "loss" else LABELS_SIZES)
 
     def size_params(self, op: str, size: str, device="cpu") -> dict:
         """The builder parameters of a named size on ``device`` (JSON-friendly)."""
@@ -122,7 +135,7 @@ class CaseSet:
         dev = torch.device(device)
         found = [b for b in available_backends(kernel_op, dev) if not (b == "triton" and dev.type != "cuda")]
         if "cpu" in found:
-            found.append("cpu_fallback")
+            found += ["cpu_fp32", "cpu_fallback"] if op in ("topk", "labels") else ["cpu_fallback"]
         return sorted(found, key=lambda b: b != "reference")
 
     def describe(self, op: str, params: dict) -> str:
@@ -214,15 +227,16 @@ def labels_fn(op: str, backend: str, k: int = 10, negate: bool = True):
 
     if op not in ("topk", "labels"):
         raise ValueError(f"op must be 'topk' or 'labels'; got {op!r}")
-    if backend == "cpu_fallback":
+    if backend in ("cpu_fallback", "cpu_fp32"):
         from sea_kernels.cpu import labels as C
 
+        opts = dict(use_cpp=False) if backend == "cpu_fallback" else dict(use_cpp=True, prefilter="fp32")
         if op == "topk":
-            return lambda patches, vocab, uniforms: C.cosine_topk_impl(
-                patches.reshape(-1, patches.shape[-1]), vocab, k, negate, use_cpp=False
+            return lambda patches, vocab, uniforms: C.cosine_topk(
+                patches.reshape(-1, patches.shape[-1]), vocab, k, negate, **opts
             )
-        return lambda patches, vocab, uniforms: C.patch_labels_impl(
-            patches, vocab, _grid(patches), k, 2, negate, uniforms, use_cpp=False
+        return lambda patches, vocab, uniforms: C.patch_labels(
+            patches, vocab, _grid(patches), k, 2, negate, uniforms, **opts
         )
     if op == "topk":
         return lambda patches, vocab, uniforms: sk.cosine_topk(

@@ -248,11 +248,17 @@ def _units(ops, sizes, case_sets, dev) -> list[tuple]:
             units += [(op, name, cs.size_params(op, name, dev)) for name in cs.size_names(op, dev, sizes)]
         else:
             units += [(op, name, dict(p)) for name, p in sizes.get(op, {}).items()]
+    if isinstance(sizes, str) and sizes not in cases.MODES:
+        unknown = [n for n in cases.size_list(sizes) if n not in {u[1] for u in units}]
+        if unknown:
+            raise ValueError(f"unknown size(s) for ops {', '.join(ops)}: {', '.join(unknown)}")
     return units
 
 
 def _settings(dev, mode: str, **overrides) -> dict:
-    settings = dict(TIMING[(dev.type, mode if mode in cases.MODES else "quick")])
+    """Timing per device and mode; named sizes are timed as ``full``, custom cases as ``quick``."""
+    timing = mode if mode in cases.MODES else ("quick" if mode == "custom" else "full")
+    settings = dict(TIMING[(dev.type, timing)])
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 

@@ -38,13 +38,15 @@ from ._build import choose_extension
 DEFAULT_TILE: int | None = None  # None: auto_tile(); tests set small tiles here
 MAX_TILE = 1024  # a 4 MB float32 block: MKL runs near its peak, the block stays small
 BLOCK_BYTES = 4 << 20  # cap on one (tile x D) float32 block: tile <= 1M / D
+SMALL_WORK = 1 << 22  # N^2 D below this (~1 ms of work): large blocks in the calling thread, no pool wake-ups
 
 
 def auto_tile(n: int, dim: int, threads: int) -> int:
     """Rows per block: at most ``MAX_TILE`` and ``BLOCK_BYTES / (4 D)``, and small enough that every
-    thread gets at least two row blocks (the C++ kernels parallelize over whole blocks)."""
+    thread gets at least two row blocks (the C++ kernels parallelize over whole blocks), except for a
+    small problem (``N^2 D < SMALL_WORK``), which runs as few blocks in the calling thread."""
     tile = min(MAX_TILE, max(64, BLOCK_BYTES // (4 * dim)))
-    if threads > 1:
+    if threads > 1 and n * n * dim >= SMALL_WORK:
         per_task = -(-n // (2 * threads))
         tile = min(tile, max(64, -(-per_task // 32) * 32))
     return tile

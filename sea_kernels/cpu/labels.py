@@ -1,17 +1,29 @@
 """cpu backend of ``cosine_topk`` and ``patch_labels``: tiled C++ kernels (``csrc/labels.cpp``).
 
-Neither path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row
-keeps a running top-k, so the extra memory does not grow with ``q``. When the extension cannot be
-built (``load_extension`` announces that once), the chunked PyTorch path below computes the same
-function: vocabulary chunks are normalized, multiplied with row blocks of the patches, reduced with
-``torch.topk`` and merged with the running top-k.
+float32 (every input dtype but float64 is scored in float32): the exact top-k of the float32 scores
+(``exact_scores``: one fixed float32 arithmetic), found through a prefilter: every pair is scored
+cheaply -- ``"int8"`` (integer matrix products, VNNI), ``"bf16"`` (bfloat16 matrix products, AMX) or
+``"fp32"`` (float32 matrix products: the plain float32 path) -- with a rigorous bound on the
+prefilter's error; only the words whose upper bound reaches a row's k-th best lower bound are rescored
+exactly. Every prefilter gives the same result, ties broken by the smaller index (``"exact"`` scores
+every pair exactly: the slow oracle). float64: a tiled float64 top-k.
 
-``cosine_topk`` and ``patch_labels`` are the backend entry points (canonical inputs, see
-``sea_kernels.labels``). The ``*_impl`` functions take the tiling as optional arguments and a
-``use_cpp`` switch (``None``: the extension when available), for tests and benchmarks.
+No path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row keeps a
+bounded candidate buffer, so the extra memory does not grow with ``q``. When the extension cannot be
+built (``load_extension`` announces that once), the chunked PyTorch path below computes the same
+function up to near ties: vocabulary chunks are normalized, multiplied with row blocks of the
+patches, reduced with ``torch.topk`` and merged with the running top-k.
+
+Backend entries (canonical inputs, see ``sea_kernels.labels``) with keyword-only options for tests
+and benchmarks, as ``sea_kernels.cpu.contrastive``: ``tile`` (vocabulary rows per step),
+``row_block`` (patch rows per task), ``prefilter`` (default ``DEFAULT_PREFILTER``, else
+:func:`default_prefilter`), ``use_cpp`` (``None``: the extension when it builds, ``False``: the
+PyTorch path, ``True``: the extension or ``RuntimeError``).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +32,36 @@ from .._common import compute_dtype
 from ..labels import PatchLabels, TopK, sample_windows
 from ._build import choose_extension
 
+PREFILTERS = {"exact": 0, "fp32": 1, "bf16": 2, "int8": 3}
+DEFAULT_PREFILTER: str | None = None  # None: default_prefilter()
 # Chunked fallback: vocabulary rows per chunk, and a cap on the elements of one score block.
 FALLBACK_TILE = 2048
 FALLBACK_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 scores
 
 
-def cosine_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool) -> TopK:
-    return cosine_topk_impl(patches, vocab, k, negate)
+@cache
+def default_prefilter() -> str:
+    """The fastest prefilter this CPU has through oneDNN: ``"bf16"`` with AMX, ``"int8"`` with VNNI
+    (AVX-512-VNNI or AVX-VNNI: int8 products at ~2.5x the float32 rate; AVX-512-BF16 alone is not faster
+    than float32), else ``"fp32"``."""
+    caps = torch._C._cpu._get_cpu_capability()
+    if not torch.backends.mkldnn.is_available():
+        return "fp32"
+    if caps.get("amx_bf16"):
+        return "bf16"
+    if caps.get("avx512_vnni") or caps.get("avx_vnni"):
+        return "int8"
+    return "fp32"
 
 
-def patch_labels(patches, vocab, grid, top_n, window, negate, uniforms) -> PatchLabels:
-    return patch_labels_impl(patches, vocab, grid, top_n, window, negate, uniforms)
+def _prefilter_code(prefilter: str | None) -> int:
+    name = prefilter or DEFAULT_PREFILTER or default_prefilter()
+    if name not in PREFILTERS:
+        raise ValueError(f"prefilter must be one of {sorted(PREFILTERS)}; got {name!r}")
+    return PREFILTERS[name]
 
 
-def cosine_topk_impl(
+def cosine_topk(
     patches: torch.Tensor,
     vocab: torch.Tensor,
     k: int,
@@ -41,17 +69,20 @@ def cosine_topk_impl(
     *,
     tile: int | None = None,
     row_block: int | None = None,
+    prefilter: str | None = None,
     use_cpp: bool | None = None,
 ) -> TopK:
-    """``(values f32 (M, k), indices i64 (M, k))``; ``tile`` vocabulary rows and ``row_block`` patch rows per step."""
+    """``(values f32 (M, k), indices i64 (M, k))``."""
     ext = choose_extension("labels", use_cpp)
     if ext is not None:
-        values, indices = ext.cosine_topk(patches, vocab, k, negate, tile or 0, row_block or 0)
+        values, indices, _ = ext.cosine_topk(
+            patches, vocab, k, negate, tile or 0, row_block or 0, _prefilter_code(prefilter)
+        )
         return TopK(values, indices)
     return cosine_topk_chunked(patches, vocab, k, negate, tile=tile, row_block=row_block)
 
 
-def patch_labels_impl(
+def patch_labels(
     patches,
     vocab,
     grid,
@@ -62,19 +93,34 @@ def patch_labels_impl(
     *,
     tile: int | None = None,
     row_block: int | None = None,
+    prefilter: str | None = None,
     use_cpp: bool | None = None,
 ) -> PatchLabels:
     ext = choose_extension("labels", use_cpp)
     h, w = grid
     if ext is not None:
+        code = _prefilter_code(prefilter)
         return PatchLabels(
-            *ext.patch_labels(patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0)
+            *ext.patch_labels(patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0, code)
         )
     b, p, d = patches.shape
     values, indices = cosine_topk_chunked(
         patches.reshape(b * p, d), vocab, top_n, negate, tile=tile, row_block=row_block
     )
     return sample_windows(values.view(b, p, top_n), indices.view(b, p, top_n), (h, w), window, uniforms)
+
+
+def rescored_counts(
+    patches, vocab, k, negate, *, prefilter: str | None = None, tile: int | None = None
+) -> torch.Tensor:
+    """Per row, the number of words the C++ path scored exactly (the prefilter's survivors), int64 ``(M,)``."""
+    ext = choose_extension("labels", True)
+    return ext.cosine_topk(patches, vocab, k, negate, tile or 0, 0, _prefilter_code(prefilter))[2]
+
+
+def exact_scores(patches: torch.Tensor, vocab: torch.Tensor, negate: bool) -> torch.Tensor:
+    """The float32 scores ``(M, q)`` whose top-k the C++ path returns exactly (for tests; O(M q d))."""
+    return choose_extension("labels", True).exact_scores(patches, vocab, negate)
 
 
 @torch.no_grad()

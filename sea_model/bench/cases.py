@@ -1,19 +1,19 @@
 """The Stage-1 training step as a family of benchmark cases (:class:`~sea_kernels.bench.cases.CaseSet`).
 
 Variants (the backends of op ``stage1``): ``sea-off`` (the baseline), ``sea-reference``,
-``sea-fused``; sizes ``demo`` and ``demo-41k`` on CPU, ``llava-7b`` on CUDA (see
-:mod:`sea_model.bench.stage1`). At ``llava-7b`` only some LM layers are built: the step is timed
+``sea-fused``; sizes ``demo`` and ``demo-41k`` on CPU, ``llava-7b`` on CUDA, ``llava-cpu`` by name
+(see :mod:`sea_model.bench.stage1`). At ``llava-7b`` only some LM layers are built: the step is timed
 with ``layers`` and with ``layers_short`` of them (an auxiliary call) and the full-depth step is
 modelled from the per-layer time measured with SEA off.
 """
 
 from __future__ import annotations
 
-from sea_kernels.bench.cases import CaseSet, check_mode, device_type
+from sea_kernels.bench.cases import CaseSet, device_type, pick_sizes
 
 from . import stage1
 
-TARGETS = {"demo": 1.05, "llava-7b": 1.01}  # Stage-1 overhead targets of fused SEA (not asserted)
+TARGETS = {"demo": 1.05, "llava-cpu": 1.03, "llava-7b": 1.01}  # Stage-1 overhead targets of fused SEA (not asserted)
 SIZE_NAMES = {
     "cpu": {"quick": ["demo"], "full": ["demo", "demo-41k"]},
     "cuda": {"quick": ["llava-7b"], "full": ["llava-7b"]},
@@ -27,8 +27,7 @@ class Stage1Cases(CaseSet):
     budget_factor = 3.0  # the Stage-1 overhead is a small difference of long calls: more rounds
 
     def size_names(self, op, device="cpu", mode="quick"):
-        check_mode(mode)
-        return list(SIZE_NAMES[device_type(device)][mode])
+        return pick_sizes(mode, SIZE_NAMES[device_type(device)], stage1.STAGE1_SIZES)
 
     def size_params(self, op, size, device="cpu"):
         return dict(stage1.STAGE1_SIZES[size])

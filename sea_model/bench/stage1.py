@@ -14,6 +14,12 @@ Sizes:
   64 px images (16 patches), joint dim 32; a 2-layer Llama of hidden 128 (intermediate 256, 4
   heads, 237 token ids); SEA over 219 words, ``top_n=3``; micro batch 32, 12 caption tokens; float32.
 * ``demo-41k``: the same with the paper's 41,242-word vocabulary (labels dominate).
+* ``llava-cpu``: the proportions of a small real MLLM, for CPUs: open_clip's ViT-B-16 (random weights)
+  at 224 px (14 x 14 = 196 patches, width 768, 12 layers, joint dim 512, ``select_layer=-2``),
+  adapter ``mlp2x_gelu`` 768 -> 768, a Llama-shaped LM of hidden 768, 12 layers, 12 heads,
+  intermediate 2048 and a 32,000-token vocabulary; SEA over 41,242 words of 1 to 3 tokens,
+  ``top_n=10``; micro batch 4, 32 caption tokens; float32. Here the labels' FLOPs are a few percent
+  of the step.
 * ``llava-7b``: LLaVA-1.5-7B shapes: a CLIP ViT-L/14-336 tower (24 x 24 = 576 patches, width 1024,
   24 layers, joint dim 768; random weights), adapter ``mlp2x_gelu`` 1024 -> 4096, Vicuna-7B-shaped
   Llama layers (hidden 4096, intermediate 11008, 32 heads, vocabulary 32,000) of which only
@@ -49,6 +55,9 @@ SEA_BACKEND = {"sea-off": None, "sea-reference": "reference", "sea-fused": "auto
 
 TOWERS = {
     "demo": dict(image_size=64, patch_size=16, width=64, layers=2, heads=2, embed_dim=32),
+    "vit-b-16": dict(
+        image_size=224, patch_size=16, width=768, layers=12, heads=12, embed_dim=512, open_clip_name="ViT-B-16"
+    ),
     "vit-l-14-336": dict(
         image_size=336,
         patch_size=14,
@@ -68,6 +77,14 @@ LLMS = {
         num_attention_heads=4,
         num_key_value_heads=4,
     ),
+    "llama-768": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    ),
     "llama-7b": dict(
         vocab_size=32000,
         hidden_size=4096,
@@ -81,6 +98,9 @@ LLMS = {
 STAGE1_SIZES = {
     "demo": dict(tower="demo", llm="demo", batch=32, text=12, q=219, word_tokens=1, top_n=3, dtype="float32"),
     "demo-41k": dict(tower="demo", llm="demo", batch=32, text=12, q=41242, word_tokens=1, top_n=3, dtype="float32"),
+    "llava-cpu": dict(
+        tower="vit-b-16", llm="llama-768", batch=4, text=32, q=41242, word_tokens=3, top_n=10, dtype="float32"
+    ),
     "llava-7b": dict(
         tower="vit-l-14-336",
         llm="llama-7b",
