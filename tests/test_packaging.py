@@ -32,8 +32,8 @@ def test_installed_package_ships_the_cpp_sources():
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install ".[dev]" && pytest' in readme
-    assert 'pip install --progress-bar off ".[dev]"' in ci and "\npytest\n" in ci
+    assert 'pip install ".[dev]" && pytest -n auto ' in readme
+    assert 'pip install --progress-bar off ".[dev]"' in ci and "\npytest -n auto\n" in ci
 
 
 def test_cli_selfcheck_help():
