@@ -211,9 +211,7 @@ class SEAAlignmentLoss(nn.Module):
     def _check_vocabulary(self, vocab_features, word_token_ids, vocab_size: int) -> None:
         """Finiteness of the (constant) vocabulary features and the range of the word token ids,
         checked again only when either changes."""
-        key = tuple(
-            (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in (vocab_features, word_token_ids)
-        ) + (vocab_size,)
+        key = _version_key(vocab_features, word_token_ids) + (vocab_size,)
         if key != self._checked_vocabulary:
             check_finite("vocab_features", vocab_features)
             check_token_ids(word_token_ids, vocab_size)
@@ -234,8 +232,7 @@ class SEAAlignmentLoss(nn.Module):
         dtype = patch_dtype if patch_dtype in (torch.float16, torch.bfloat16) else vocab_features.dtype
         if torch.compiler.is_compiling():
             return vocab_features.detach().to(dtype)
-        key = (vocab_features.data_ptr(), vocab_features._version, tuple(vocab_features.shape))
-        key += (vocab_features.dtype, vocab_features.device, dtype)
+        key = _version_key(vocab_features) + (dtype,)
         if key != self._vocabulary_key:
             self._vocabulary = vocab_features.detach().to(dtype)
             self._vocabulary_key = key
@@ -258,6 +255,12 @@ class SEAAlignmentLoss(nn.Module):
         keep = dedup_mask(gathered[0], gathered[1].bool(), gathered[2])
         start = sum(sizes[: torch.distributed.get_rank(group)])
         return keep[start : start + flat_label.shape[0]].view_as(labels.valid)
+
+
+def _version_key(*tensors: torch.Tensor) -> tuple:
+    """Changes whenever one of ``tensors`` is replaced or modified in place (storage, version
+    counter, shape, dtype, device): the key of the per-vocabulary checks and casts."""
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
 def _check_inputs(visual_tokens, patch_features, vocab_features, word_token_ids, embedding_weight) -> None:

@@ -224,11 +224,27 @@ def run(
     return result
 
 
+def demo_llm_config(tokenizer, max_position_embeddings: int = 128):
+    """The demo's tiny random Llama (hidden 128, 2 layers, 4 heads) over ``tokenizer``, whose
+    ``<|im_end|>`` ends an answer; ``sea lab`` uses it too."""
+    from .tiny import tiny_llm_config
+
+    return tiny_llm_config(
+        len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        max_position_embeddings=max_position_embeddings,
+    )
+
+
 def _tokenizer_and_model(data: Path, backend: str):
     """The demo's tokenizer (saved under ``data/tokenizer``), its SEA word list (``data/vocab.txt``)
     and the tiny random model's configuration."""
     from .model import ModelConfig, SEAConfig
-    from .tiny import tiny_clip_config, tiny_llm_config
+    from .tiny import tiny_clip_config
     from .vision import VisionConfig
 
     words = sea_words()
@@ -241,15 +257,7 @@ def _tokenizer_and_model(data: Path, backend: str):
             pretrained=None,
             model_cfg=tiny_clip_config(image_size=IMAGE_SIZE, patch_size=16, width=64, layers=2, heads=2, embed_dim=32),
         ),
-        llm=tiny_llm_config(
-            len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            max_position_embeddings=128,
-        ),
+        llm=demo_llm_config(tokenizer),
         tokenizer=str(data / "tokenizer"),
         sea=SEAConfig(words=str(data / "vocab.txt"), top_n=3, backend=backend, cache_dir=str(data.parent / "cache")),
     )

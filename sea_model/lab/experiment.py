@@ -213,20 +213,11 @@ def pretrain_llm(world: World, clip: Clip, out: Path, size: LabSize, common: dic
     """The tiny Llama trained on text alone (through the trainer's stage 2, no images), saved with
     ``save_pretrained`` for every run to start from."""
     from ..config import DataConfig, RunConfig, TrainConfig
+    from ..demo import demo_llm_config
     from ..model import ModelConfig, SEAConfig
-    from ..tiny import tiny_llm_config
     from ..train import train
 
-    tok = world.tokenizer
-    llm = tiny_llm_config(
-        len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        max_position_embeddings=192,
-    )
+    llm = demo_llm_config(world.tokenizer, max_position_embeddings=192)
     steps, batch, lr = size.llm
     result = train(
         RunConfig(
@@ -244,7 +235,7 @@ def pretrain_llm(world: World, clip: Clip, out: Path, size: LabSize, common: dic
                 **common,
             ),
         ),
-        tokenizer=tok,
+        tokenizer=world.tokenizer,
     )
     path = out / "llm"
     result.model.llm.save_pretrained(str(path))
