@@ -33,10 +33,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def config(c: dict) -> triton.Config:
     """``triton.Config`` from a dict with the block sizes and optional ``warps`` / ``stages`` / ``archs``
-    (the compute capabilities it is for, e.g. ``(90,)`` for a tile that spills registers on sm_80)."""
+    (the compute capabilities it is for, e.g. ``(90,)`` for a tile that spills registers on sm_80) /
+    ``regs`` (ptxas's register cap per thread, ``.maxnreg``: None lets ptxas choose, which for some
+    kernels means fewer registers and a few bytes of spills)."""
     c = dict(c)
-    warps, stages, archs = c.pop("warps", 4), c.pop("stages", 1), c.pop("archs", None)
-    cfg = triton.Config(c, num_warps=warps, num_stages=stages)
+    warps, stages, archs, regs = c.pop("warps", 4), c.pop("stages", 1), c.pop("archs", None), c.pop("regs", None)
+    cfg = triton.Config(c, num_warps=warps, num_stages=stages, maxnreg=regs)
     cfg.archs = archs
     return cfg
 
@@ -80,4 +82,5 @@ def launch(kernel, tuned, fixed: triton.Config, grid: Callable | tuple, big: boo
         tuned[grid](**kwargs)
         return
     g = grid(fixed.kwargs) if callable(grid) else grid
-    kernel[g](**kwargs, **fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+    regs = {} if fixed.maxnreg is None or INTERPRET else {"maxnreg": fixed.maxnreg}
+    kernel[g](**kwargs, **fixed.kwargs, num_warps=fixed.num_warps, num_stages=fixed.num_stages, **regs)

@@ -45,16 +45,18 @@ class Case:
     div16: list = field(default_factory=list)  # integer arguments specialized as multiples of 16
     tile: dict = field(default_factory=dict)  # for the cost report: BM, BN, BK of the per-tile work
     archs: tuple | None = None  # the compute capabilities the config is launched on (None: all)
+    regs: int | None = None  # ptxas register cap (the config's maxnreg; None: ptxas chooses)
 
 
 def _labels_cases(full: bool) -> list[Case]:
     """Full: every dtype, epilogue, ``K_PAD`` and fitting config (windows 2 and 4). CI: bf16 and fp32,
-    each config at the largest ``K_PAD`` it takes, the trainer's call (``top_n`` 10, window 2) on the
-    first config and the largest window on the last; fp16 at the trainer's call."""
+    each config at the largest ``K_PAD`` it takes and the last at ``K_PAD`` 4, the trainer's call
+    (``top_n`` 10, window 2) on the first config and the largest window on the last; fp16 at the
+    trainer's call."""
     from . import labels as L
 
     out = []
-    k_pads = [1 << i for i in range(L.MAX_K_PAD.bit_length())]
+    k_pads = [1 << i for i in range(L.MIN_K_PAD.bit_length() - 1, L.MAX_K_PAD.bit_length())]
     for dt in ("bf16", "fp16", "fp32") if full else ("bf16", "fp32", "fp16"):
         configs = [L.config(c) for c in (L.SINGLE_CONFIGS if dt == "fp32" else L.HALF_CONFIGS)]
         if full:
@@ -68,9 +70,14 @@ def _labels_cases(full: bool) -> list[Case]:
             continue
         for c in configs:
             out.append(_labels_case(L, dt, False, max(k for k in k_pads if L.fits(c, k, 1)), 1, c))
+        out.append(_labels_case(L, dt, False, 4, 1, configs[-1]))  # small K_PAD: where ptxas spilled by choice
         out.append(_labels_case(L, dt, True, 16, 4, configs[0]))
         out.append(_labels_case(L, dt, True, L.MAX_K_PAD, L.MAX_WW_PAD, configs[-1]))
     return _unique(out)
+
+
+def _regs(c) -> str:
+    return f",r{c.maxnreg}" if c.maxnreg else ""
 
 
 def _labels_case(L, dt: str, sample: bool, k_pad: int, ww: int, c) -> Case:
@@ -83,12 +90,12 @@ def _labels_case(L, dt: str, sample: bool, k_pad: int, ww: int, c) -> Case:
     const = dict(none, NEGATE=True, SAMPLE=sample, K_PAD=k_pad, WIN={1: 1, 4: 2, 16: 4, 64: 8}[ww], WW_PAD=ww)
     const.update(kw, EVEN_K=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
     what = "patch_labels" if sample else "cosine_topk"
-    tiles = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']},w{c.num_warps}s{c.num_stages}"
+    tiles = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']},w{c.num_warps}s{c.num_stages}{_regs(c)}"
     name = f"labels[{what},{dt},K_PAD={k_pad},WW_PAD={ww},{tiles}]"
     tile = dict(BM=kw["BLOCK_M"], BN=kw["BLOCK_N"], BK=kw["BLOCK_K"])
     div16 = ["D", "stride_b", "stride_p", "stride_v"]
     kernel = "sea_kernels.triton.labels:_labels_kernel"
-    return Case(kernel, name, ptr, const, c.num_warps, c.num_stages, div16, tile, getattr(c, "archs", None))
+    return Case(kernel, name, ptr, const, c.num_warps, c.num_stages, div16, tile, getattr(c, "archs", None), c.maxnreg)
 
 
 def _contrastive_cases(full: bool) -> list[Case]:
@@ -152,7 +159,7 @@ def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumula
     how = "tuned" if specialized else "fixed"
     name = f"contrastive.{what}[{dt},{tiles},w{c.num_warps}s{c.num_stages},{how}{suffix}]"
     kernel = f"sea_kernels.triton.contrastive:{attr[(what, specialized)]}"
-    return Case(kernel, name, types, kw, c.num_warps, c.num_stages, div16, tile, getattr(c, "archs", None))
+    return Case(kernel, name, types, kw, c.num_warps, c.num_stages, div16, tile, getattr(c, "archs", None), c.maxnreg)
 
 
 def _unique(cases: list[Case]) -> list[Case]:
@@ -202,7 +209,7 @@ def compile_case(case: Case, arch: int) -> dict:
     t0 = time.perf_counter()
     result = dict(case=case.name, arch=arch, ok=False)
     try:
-        k, log = _compile(ASTSource(fn, sig, case.constexprs, attrs), arch, case.warps, case.stages)
+        k, log = _compile(ASTSource(fn, sig, case.constexprs, attrs), arch, case.warps, case.stages, case.regs)
     except Exception as e:  # reported per case
         result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         return result
@@ -223,7 +230,7 @@ def _ptxas_facts(log: str) -> dict:
     return dict(zip(("registers", "stack", "spill_stores", "spill_loads"), groups))
 
 
-def _compile(src, arch: int, warps: int, stages: int):
+def _compile(src, arch: int, warps: int, stages: int, regs: int | None = None):
     """``triton.compile`` with the ptxas log: printed by Triton on a fresh compile, else kept from one."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -231,7 +238,8 @@ def _compile(src, arch: int, warps: int, stages: int):
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+        options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     cache = os.path.join(os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"), "sea-aot")
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"{k.hash}.log")

@@ -59,6 +59,7 @@ from .._common import NORM_EPS
 from ..labels import cosine_topk_reference, num_windows, sample_windows
 from ._launch import INTERPRET, arch_of, config, dot_precision, for_arch, launch, tuner
 
+MIN_K_PAD = 2  # smallest padded k: with 1, ptxas spills a few bytes on sm_80 (tests/test_compile_gate.py)
 MAX_K_PAD = 32  # largest padded k the kernel keeps in registers (64 spills on sm_80)
 MAX_WW_PAD = 16  # largest padded window area of the fused patch_labels kernel (64 spills in fp32)
 AUTOTUNE_MIN_SCORES = 1 << 24  # smaller calls (rows x q) run the first fitting config, untuned
@@ -305,8 +306,8 @@ HALF_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8, stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=8, stages=3),
 ]
-SINGLE_CONFIGS = [
-    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, warps=8, stages=2),
+SINGLE_CONFIGS = [  # regs: ptxas's own choice (64-80) spills a few bytes at some K_PAD; 128 keeps 2 blocks/SM
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, warps=8, stages=2, regs=128),
 ]
 LIST_REGISTERS = 64  # 32-bit registers per thread for the running (score, index) lists
 
@@ -359,6 +360,11 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal().contiguous()
 
 
+def k_padded(k: int) -> int:
+    """The kernel's ``K_PAD`` for ``k``: the next power of two, at least ``MIN_K_PAD``."""
+    return max(MIN_K_PAD, triton.next_power_of_2(k))
+
+
 def _chunked_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool):
     """Bounded-memory PyTorch path for ``k > MAX_K_PAD``: the reference on row chunks of ``~2**24`` scores."""
     rows = max(1, (1 << 24) // vocab.shape[0])
@@ -374,7 +380,7 @@ def cosine_topk(patches: torch.Tensor, vocab: torch.Tensor, k: int, negate: bool
     m, q, d = patches.shape[0], vocab.shape[0], vocab.shape[1]
     values = torch.empty((m, k), dtype=torch.float32, device=patches.device)
     indices = torch.empty((m, k), dtype=torch.int64, device=patches.device)
-    k_pad = triton.next_power_of_2(k)
+    k_pad = k_padded(k)
     if m == 0:
         return values, indices
     if k_pad > MAX_K_PAD:
@@ -393,7 +399,7 @@ def patch_labels(patches, vocab, grid, top_n, window, negate, uniforms):
     q = vocab.shape[0]
     h, w = grid
     nw = num_windows(grid, window)
-    k_pad = triton.next_power_of_2(top_n)
+    k_pad = k_padded(top_n)
     ww_pad = triton.next_power_of_2(window * window)
     if k_pad > MAX_K_PAD or ww_pad > MAX_WW_PAD:  # beyond the fused kernel's registers: top-k, then sample
         values, indices = cosine_topk(patches.reshape(b * p, d), vocab, top_n, negate)
