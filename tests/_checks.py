@@ -40,15 +40,22 @@ def floor_of(truth: torch.Tensor, scale: float | None = None) -> float:
     return ULPS * scale + 1e-30
 
 
+def rule(
+    fast: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, *, scale: float | None = None
+) -> tuple[float, float, float, bool]:
+    """``(e_fast, e_ref, floor, ok)``: the max-norm errors against ``truth`` (float64), the floor, and
+    whether ``e_fast <= FACTOR * e_ref + floor``."""
+    e_fast, e_ref, floor = max_error(fast, truth), max_error(reference, truth), floor_of(truth, scale)
+    return e_fast, e_ref, floor, e_fast <= FACTOR * e_ref + floor
+
+
 def assert_as_accurate_as_reference(
     fast: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, *, scale: float | None = None, what: str = ""
 ) -> None:
     """``|fast - truth| <= FACTOR * |reference - truth| + floor`` in the max norm (``truth`` in float64)."""
     assert fast.shape == truth.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(truth.shape)}"
-    e_fast, e_ref, floor = max_error(fast, truth), max_error(reference, truth), floor_of(truth, scale)
-    assert e_fast <= FACTOR * e_ref + floor, (
-        f"{what}: error {e_fast:.3g} > {FACTOR} x reference error {e_ref:.3g} + {floor:.3g}"
-    )
+    e_fast, e_ref, floor, ok = rule(fast, reference, truth, scale=scale)
+    assert ok, f"{what}: error {e_fast:.3g} > {FACTOR} x reference error {e_ref:.3g} + {floor:.3g}"
 
 
 # ----------------------------------------------------------------------------- cosine scores
@@ -192,9 +199,15 @@ def check_contrastive(x, t, scale, backend, *, grad_out=1.0, need="xts", **kw):
             continue
         assert f.dtype == r.dtype and f.shape == r.shape, f"{what}: {f.dtype} {tuple(f.shape)}"
         assert torch.isfinite(f).all(), what
-        # the loss and dscale are means of terms of order 1 (log-sum-exps; G~ * l / scale) that cancel:
-        # no closer than the rounding of 1
-        floor_scale = max(w.abs().max().item(), 1.0) if what in ("loss", "dscale") else None
         where = f"{what} ({x.dtype}, scale {float(scale)})"
-        assert_as_accurate_as_reference(f.cpu(), r.cpu(), w.cpu(), scale=floor_scale, what=where)
+        assert_as_accurate_as_reference(f.cpu(), r.cpu(), w.cpu(), scale=contrastive_floor(what, w), what=where)
     return fast
+
+
+def contrastive_floor(what: str, truth: torch.Tensor) -> float | None:
+    """The ``scale`` of the rule's floor for one output of ``contrastive_loss`` ("loss", "dx", "dt", "dscale").
+
+    The loss and dscale are means of terms of order 1 (log-sum-exps; G~ * l / scale) that cancel: no
+    closer than the rounding of 1. The gradients: their largest true value (``None``).
+    """
+    return max(truth.abs().max().item(), 1.0) if what in ("loss", "dscale") else None

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sea_kernels import contrastive_loss
-from tests._checks import DEVICE, backends_here, check_contrastive, pairs
+from tests import _gpu_dots as gpu_dots
+from tests._checks import DEVICE, backends_here, check_contrastive, loss_and_grads, pairs
 
 pytestmark = pytest.mark.skipif(
     "triton" not in backends_here("contrastive_loss"),
@@ -43,43 +44,85 @@ def test_float64_runs_the_reference():
 
 
 @pytest.fixture
-def bfloat16_dots(monkeypatch):
-    """On CPU, let the interpreter do what the GPU does with bfloat16: dots with exact products in
-    float32 (the interpreter multiplies the raw uint16 storage) and float32 -> bfloat16 casts rounded
-    to nearest even (the interpreter truncates). Skips if its internals moved."""
-    if DEVICE == "cuda":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    handle = getattr(interpreter, "TensorHandle", None)
-    if builder is None or handle is None or not all(hasattr(builder, m) for m in ("create_dot", "cast_impl")):
-        pytest.skip("the Triton interpreter's internals changed")
-    dot, cast = builder.create_dot, builder.cast_impl
-
-    def as_f32(h):
-        return (h.data.astype(np.uint32) << 16).view(np.float32) if h.dtype.scalar == tl.bfloat16 else h.data
-
-    def create_dot(self, a, b, d, *args):
-        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
-            return dot(self, a, b, d, *args)
-        return handle(np.matmul(as_f32(a), as_f32(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16)
-            return handle(data.numpy().view(np.uint16), dst_type.scalar)
-        return cast(self, src, dst_type)
-
-    monkeypatch.setattr(builder, "create_dot", create_dot)
-    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+def bfloat16_dots():
+    """On CPU, the interpreter computes bfloat16 dots and casts as the GPU does (``tests/_gpu_dots.py``);
+    skips if its internals moved."""
+    try:
+        with gpu_dots.bfloat16_dots():
+            yield
+    except gpu_dots.EmulationUnavailable as e:
+        pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("case", ["ragged", "duplicates"])
-def test_bfloat16(case, bfloat16_dots):
-    """The bfloat16 path (hi + lo split of the gradient products) on the GPU's arithmetic."""
-    n, d, scale, dup = {"ragged": (37, 40, 14.3, False), "duplicates": (30, 24, 100.0, True)}[case]
+@pytest.fixture
+def bf16_products(monkeypatch):
+    """Set ``BF16_GRAD_PRODUCTS`` for one test: ``bf16_products((1, 1))``."""
+    from sea_kernels.triton import contrastive as tc
+
+    return lambda products: monkeypatch.setattr(tc, "BF16_GRAD_PRODUCTS", products)
+
+
+BF16_CASES = {"ragged": (37, 40, 14.3, False), "duplicates": (30, 24, 100.0, True)}
+
+
+@pytest.mark.parametrize("products", [(2, 2), (1, 1)], ids=["split", "one"])
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_bfloat16(case, products, bfloat16_dots, bf16_products):
+    """The bfloat16 backward in both modes of the gradient GEMMs, on the GPU's arithmetic."""
+    n, d, scale, dup = BF16_CASES[case]
+    bf16_products(products)
     x, t = pairs(n, d, torch.bfloat16, seed=n * 7 + d, duplicates=dup)
     check_contrastive(x, t, scale, "triton", grad_out=3.0)
+
+
+@pytest.mark.parametrize("gemm", ["dx", "dt"])
+def test_bfloat16_gemm_modes(gemm, bfloat16_dots, monkeypatch):
+    """Each bfloat16 mode of the gradient GEMM against a float64 model of what it computes, in both
+    orientations (dx: ``a`` the chunk of ``H``, its diagonal at column ``r0 + i``; dt: ``a = H^T``, its
+    diagonal at row ``r0 + k``): hi + lo is ``a`` to about 16 bits; one product is ``a`` rounded to
+    bfloat16 except the diagonal entries, exact. Without the correction the diagonal is off."""
+    from sea_kernels.triton import contrastive as tc
+
+    g = torch.Generator().manual_seed(5)
+    rows, n, d, r0 = 20, 45, 24, 16
+    h = torch.randn(rows, n, generator=g) * 0.05
+    h[torch.arange(rows), r0 + torch.arange(rows)] = -1.7 + 0.1 * torch.rand(rows, generator=g)
+    if gemm == "dx":  # U = (H * q) @ t
+        a, strides, m, k, off = h, (h.stride(0), 1), rows, n, r0
+    else:  # V = (H * r)^T @ x[r0:r1]
+        a, strides, m, k, off = h.T, (1, h.stride(0)), n, rows, -r0
+    kv = torch.rand(k, generator=g) + 0.5
+    b = torch.randn(k, d, generator=g).to(torch.bfloat16)
+    scaled = a * kv  # float32, as the kernel computes it
+    rounded = scaled.to(torch.bfloat16).float()
+    diag = torch.arange(m)[:, None] + off == torch.arange(k)[None, :]
+    models = {2: scaled, 1: torch.where(diag, scaled, rounded)}
+
+    def run(products, exact_diagonal=True):
+        monkeypatch.setattr(tc, "BF16_EXACT_DIAGONAL", exact_diagonal)
+        c = torch.empty(m, d, device=DEVICE)
+        tc._gemm(h.to(DEVICE), *strides, kv.to(DEVICE), b.to(DEVICE), c, m, k, off, False, False, products)
+        return c.cpu().double()
+
+    for products, model in models.items():
+        want = model.double() @ b.double()
+        tol = 1e-5 * want.abs().max().item()  # float32 accumulation, not bfloat16 rounding (~4e-3)
+        assert (run(products) - want).abs().max().item() <= tol, products
+    plain = run(1, exact_diagonal=False)
+    assert (plain - models[1].double() @ b.double()).abs().max().item() > 30 * tol
+    torch.testing.assert_close(plain, rounded.double() @ b.double(), rtol=0, atol=tol)
+
+
+def test_bfloat16_default_is_the_split(bfloat16_dots, bf16_products):
+    """The default bfloat16 backward is the hi + lo split, the only mode within the 2x-reference rule
+    in every case of the error study (benchmarks/results/2026-11-30-loss-bf16-precision): its
+    gradients equal the split's bitwise and differ from one product's."""
+    x, t = pairs(37, 40, torch.bfloat16, seed=11)
+    default = loss_and_grads(x, t, 14.3, "triton")
+    bf16_products((2, 2))
+    split = loss_and_grads(x, t, 14.3, "triton")
+    bf16_products((1, 1))
+    one = loss_and_grads(x, t, 14.3, "triton")
+    for what, p, q, r in zip(("loss", "dx", "dt", "dscale"), default, split, one):
+        assert torch.equal(p, q), what
+        assert torch.equal(p, r) == (what in ("loss", "dscale")), what

@@ -100,7 +100,8 @@ def _labels_case(L, dt: str, sample: bool, k_pad: int, ww: int, c) -> Case:
 
 def _contrastive_cases(full: bool) -> list[Case]:
     """Full: every config of every list and the fixed ones, each dtype. CI: bf16 and fp32, the fixed
-    configs and the first tuned one; fp16's first tuned GEMM (its own TF32 split)."""
+    configs and the first tuned one; fp16's first tuned GEMM (its own TF32 split). bf16 GEMMs: both
+    modes (hi + lo split, one product) in each."""
     from . import contrastive as C
 
     out = []
@@ -120,10 +121,17 @@ def _contrastive_cases(full: bool) -> list[Case]:
                 chosen.append((generic, C.config(fixed[single]), False))
             for jit, c, specialized in chosen:
                 for acc in (False, True) if what == "gemm" and full else (True,):
-                    out.append(_contrastive_case(C, what, jit, dt, c, specialized, acc))
+                    for mode in _gemm_modes(dt) if what == "gemm" else (None,):
+                        out.append(_contrastive_case(C, what, jit, dt, c, specialized, acc, mode))
         if full or dt == "bf16":
             out += _row_kernel_cases(C, dt)
     return _unique(out)
+
+
+def _gemm_modes(dt: str) -> list[str]:
+    """The gradient GEMM's ``MODE``s for operands of ``dt``: bfloat16 has two (``BF16_GRAD_PRODUCTS``:
+    "bf16x2", the hi + lo split, and "bf16", one product with its exact diagonal)."""
+    return ["bf16x2", "bf16"] if dt == "bf16" else [{"fp16": "f16"}.get(dt, "f32")]
 
 
 def _row_kernel_cases(C, dt: str) -> list[Case]:
@@ -137,7 +145,7 @@ def _row_kernel_cases(C, dt: str) -> list[Case]:
     return out
 
 
-def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumulate: bool) -> Case:
+def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumulate: bool, mode) -> Case:
     kw = dict(c.kwargs)
     attr = {("fwd", True): "_FWD[0]", ("fwd", False): "_FWD[1]", ("probs", True): "_PROBS[0]"}
     attr.update({("probs", False): "_PROBS[1]", ("gemm", True): "_GEMM[0]", ("gemm", False): "_GEMM[1]"})
@@ -145,7 +153,7 @@ def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumula
     types = {a: "*fp32" for a in jit.arg_names if a.endswith("_ptr")}
     if what == "gemm":
         types["b_ptr"] = f"*{dt}"
-        kw.update(ACCUMULATE=accumulate, MODE={"bf16": "bf16", "fp16": "f16"}.get(dt, "f32"), DOT_PREC=prec)
+        kw.update(ACCUMULATE=accumulate, MODE=mode, EXACT_DIAG=mode == "bf16", DOT_PREC=prec)
     else:
         types.update(x_ptr=f"*{dt}", t_ptr=f"*{dt}")
         kw.update(DOT_PREC=prec)
@@ -154,7 +162,7 @@ def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumula
     tile = dict(BM=kw["BM"], BN=kw["BN"], BK=kw["BK"])
     ints = [a for a in jit.arg_names if not a.endswith("_ptr") and a not in kw]
     div16 = [a for a in ints if a.startswith("stride") or a in ("D", "K")] if specialized else []
-    suffix = f",acc={accumulate}" if what == "gemm" else ""
+    suffix = f",acc={accumulate}" + (f",{mode}" if dt == "bf16" else "") if what == "gemm" else ""
     tiles = "x".join(str(kw[b]) for b in ("BM", "BN", "BK"))
     how = "tuned" if specialized else "fixed"
     name = f"contrastive.{what}[{dt},{tiles},w{c.num_warps}s{c.num_stages},{how}{suffix}]"

@@ -80,6 +80,12 @@ BWD_CHUNK_BUDGET = 1 << 26  # float32 entries of the backward H chunk (256 MiB, 
 BWD_MAX_ROWS = 4096  # ... of at most this many rows (never N x N beyond N = 4096) ...
 BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N = 131072 on: 2 KiB x N),
 # so that V's read-modify-write per chunk stays small next to the chunk's products (K = rows)
+# bfloat16 products of the two gradient GEMMs (dx's U, dt's V; see Precision above): 2 (hi + lo
+# split, the default: the only choice within the 2x-reference rule in every measured case) or 1 (a
+# rounded once, faster, up to 3.6x the reference's error; its diagonal term is corrected exactly
+# unless BF16_EXACT_DIAGONAL is off, which only the error study does).
+BF16_GRAD_PRODUCTS = (2, 2)
+BF16_EXACT_DIAGONAL = True
 FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
 
 FWD_GPU_BM = (128, 16)  # rows per forward program, 16-bit / float32 operands (the partial buffers depend on it)
@@ -326,9 +332,11 @@ def _gemm_body(
     stride_ak,
     stride_bk,
     stride_cm,
+    diag_off,
     TUNE_KEY,
     ACCUMULATE: tl.constexpr,
     MODE: tl.constexpr,
+    EXACT_DIAG: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -338,9 +346,12 @@ def _gemm_body(
     """``c (+)= (a * kv[None, :]) @ b``: ``a`` float32 ``M x K`` (any strides), ``kv`` float32 ``K``,
     ``b`` ``K x NO`` row-major in the input dtype, ``c`` float32 ``M x NO``.
 
-    MODE "bf16": ``a * kv`` split into bfloat16 hi + lo, two products with the exact ``b`` (bfloat16
-    keeps float32's exponent range). MODE "f16": split into TF32 hi + lo (bit masks), ``b`` converted
-    to float32 (exact in TF32), two TF32 products: float16's range would lose small ``a``.
+    MODE "bf16": ``a * kv`` rounded once to bfloat16 (to nearest), one product with the exact ``b``
+    (bfloat16 keeps float32's exponent range); with ``EXACT_DIAG`` the epilogue adds the rounding
+    error of the diagonal entries (``a[m, m + diag_off]``, the large ``P - 1`` terms) times their
+    row of ``b``, exactly in float32: O(BM x BN) work per output tile. MODE "bf16x2": ``a * kv`` split
+    into bfloat16 hi + lo, two products. MODE "f16": split into TF32 hi + lo (bit masks), ``b``
+    converted to float32 (exact in TF32), two TF32 products: float16's range would lose small ``a``.
     MODE "f32": one product at ``DOT_PREC`` (``F32_DOT``; float32 under the interpreter).
     """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NO, BN), GROUP_M)
@@ -359,6 +370,8 @@ def _gemm_body(
         a = a * kv[None, :]
         b = tl.load(bp, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if MODE == "bf16":
+            acc = tl.dot(a.to(tl.bfloat16), b, acc)
+        elif MODE == "bf16x2":
             a_hi = a.to(tl.bfloat16)
             a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
             acc = tl.dot(a_hi, b, acc)
@@ -372,6 +385,16 @@ def _gemm_body(
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         ap += BK * stride_ak
         bp += BK * stride_bk
+    kd0 = pid_m * BM + diag_off  # the k of the tile's first diagonal entry
+    if EXACT_DIAG:
+        if (kd0 < K) & (kd0 + BM > 0):
+            kd = rm + diag_off
+            dmask = mmask & (kd >= 0) & (kd < K)
+            ad = tl.load(a_ptr + rm.to(tl.int64) * stride_am + kd.to(tl.int64) * stride_ak, mask=dmask, other=0.0)
+            ad = ad * tl.load(kv_ptr + kd, mask=dmask, other=0.0)  # as in the K loop: the same rounding
+            bdp = b_ptr + kd.to(tl.int64)[:, None] * stride_bk + rn[None, :]
+            bd = tl.load(bdp, mask=dmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+            acc += (ad - ad.to(tl.bfloat16).to(tl.float32))[:, None] * bd  # exact products, one rounding
     cp = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     cmask = mmask[:, None] & nmask[None, :]
     if ACCUMULATE:
@@ -474,7 +497,9 @@ _PROBS_FIXED = [config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else c
 _PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 _PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 
-_GEMM = _kernel(_gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "TUNE_KEY"])
+_GEMM = _kernel(
+    _gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "diag_off", "TUNE_KEY"]
+)
 _GEMM_TUNED = tuner(
     _GEMM[0],
     ["TUNE_KEY", "NO"],
@@ -589,9 +614,11 @@ def _forward_stats(x, t, rx, rt, scale):
     return row_m, row_ls, col_m, col_ls, diag
 
 
-def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, accumulate, big):
+def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, diag_off, accumulate, big, products):
+    """``c (+)= (a * kv) @ b`` (``_gemm_body``); ``a``'s diagonal entries are ``a[i, i + diag_off]``;
+    ``products``: bfloat16 products (1 or 2) if ``b`` is bfloat16."""
     no = b.shape[1]
-    mode = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(b.dtype, "f32")
+    mode = {torch.bfloat16: "bf16" if products == 1 else "bf16x2", torch.float16: "f16"}.get(b.dtype, "f32")
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(no, meta["BN"]),)
@@ -613,11 +640,21 @@ def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, accumulate, big):
         stride_ak=stride_ak,
         stride_bk=b.stride(0),
         stride_cm=c.stride(0),
+        diag_off=diag_off,
         TUNE_KEY=_bucket(m) * 64 + _bucket(k),
         ACCUMULATE=accumulate,
         MODE=mode,
+        EXACT_DIAG=mode == "bf16" and BF16_EXACT_DIAGONAL,
         DOT_PREC=dot_precision(b.dtype),
     )
+
+
+def _bf16_products() -> tuple[int, int]:
+    """``BF16_GRAD_PRODUCTS``, checked: (dx's GEMM, dt's GEMM), each 1 or 2."""
+    products = tuple(BF16_GRAD_PRODUCTS)
+    if len(products) != 2 or not set(products) <= {1, 2}:
+        raise ValueError(f"BF16_GRAD_PRODUCTS must be two of 1 or 2 (dx, dt); got {BF16_GRAD_PRODUCTS!r}")
+    return products
 
 
 def _finish(u, v, r, w, coef, out):
@@ -676,6 +713,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         stats_kw = dict(zip(("row_m_ptr", "row_ls_ptr", "col_m_ptr", "col_ls_ptr"), stats))
         prec = dot_precision(x.dtype)
         big = n * n * d >= AUTOTUNE_MIN_WORK
+        products = _bf16_products()
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             m = r1 - r0
@@ -712,10 +750,11 @@ class _ContrastiveLoss(torch.autograd.Function):
             )
             ds_parts.append(ds.sum())
             if need_x:
-                _gemm(h, h.stride(0), 1, rt, t, u, m, n, accumulate=False, big=big)
+                _gemm(h, h.stride(0), 1, rt, t, u, m, n, r0, accumulate=False, big=big, products=products[0])
                 _finish(u, x[r0:r1], rx[r0:r1], wx[r0:r1], coef, dx[r0:r1])
             if need_t:
-                _gemm(h, 1, h.stride(0), rx[r0:r1], x[r0:r1], v, n, m, accumulate=r0 > 0, big=big)
+                v_args = (h, 1, h.stride(0), rx[r0:r1], x[r0:r1], v, n, m, -r0)
+                _gemm(*v_args, accumulate=r0 > 0, big=big, products=products[1])
         if need_t:
             _finish(v, t, rt, wt, coef, dt)
         dscale = (c.double() / s.double() * torch.stack(ds_parts).sum()).to(scale.dtype) if need_s else None
