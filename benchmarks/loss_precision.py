@@ -1,16 +1,17 @@
-"""Error study of the bfloat16 backward of the Triton ``contrastive_loss``: the gradient GEMMs with one
-bfloat16 product (``a = H * q`` rounded once) against the hi + lo split (two products).
+"""Error study of the bfloat16 backward of the Triton ``contrastive_loss``: each mode of the gradient
+GEMMs (``BF16_GRAD_MODES``: hi + lo split, one bfloat16 product, one float16 product) against the rule.
 
-Usage (repository root): ``python benchmarks/loss_precision.py [--quick]``; prints a markdown table.
+Usage (repository root): ``python benchmarks/loss_precision.py [--quick]``; prints markdown tables.
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` with bfloat16 dots computed as a GPU does
-(``tests/_gpu_dots.py``: exact products, float32 accumulation, round-to-nearest casts), with the
-GPU's fixed tile sizes (64 x 64 x 32; the tests' small interpreter tiles only change the float32
-summation order, and run 6x slower). For every case (``N``, ``D``, scale, kind of pairs) it measures
-the max error against float64 (inputs: the same bfloat16 numbers) of the loss, dx, dt and dscale
-for the eager bfloat16 reference and for each mode of ``BF16_GRAD_PRODUCTS``, and applies the
-project's rule (``tests._checks.rule``: at most 2x the reference's error plus a floor). The loss and
-dscale do not depend on the mode (the GEMMs only make dx and dt).
+(``tests/_gpu_dots.py``: exact products, float32 accumulation, round-to-nearest casts; float16 dots
+and casts are the interpreter's own, which compute them so), with the GPU's fixed tile sizes
+(64 x 64 x 32; the tests' small interpreter tiles only change the float32 summation order, and run
+6x slower). For every case (``N``, ``D``, scale, kind of pairs) it measures the max error against
+float64 (inputs: the same bfloat16 numbers) of the loss, dx, dt and dscale for the eager bfloat16
+reference and for each mode, and applies the project's rule (``tests._checks.rule``: at most 2x the
+reference's error plus a floor). The loss and dscale do not depend on the mode (the GEMMs only make
+dx and dt).
 """
 
 from __future__ import annotations
@@ -33,27 +34,40 @@ from sea_kernels.triton._launch import config  # noqa: E402
 from tests._checks import FACTOR, contrastive_floor, loss_and_grads, pairs, rule  # noqa: E402
 from tests._gpu_dots import bfloat16_dots  # noqa: E402
 
-# Runs per case: (BF16_GRAD_PRODUCTS, BF16_EXACT_DIAGONAL). dx depends only on the mode of dx's GEMM and
-# dt only on dt's, so two runs measure each GEMM in both modes: run "a" gives dx split and dt one,
-# run "b" dx one and dt split; run "c" one product without the diagonal correction.
-RUNS = {"a": ((2, 1), True), "b": ((1, 2), True), "c": ((1, 1), False)}
-GEMM_MODES = {  # name -> (run measuring dx in it, run measuring dt in it, what it is)
-    "split": ("a", "b", "hi + lo, 2 bfloat16 products"),
-    "one": ("b", "a", "1 product, a rounded once, + its diagonal term's rounding error added back in float32"),
-    "one-plain": ("c", "c", "1 product, a rounded once, no diagonal correction"),
+# Runs per case: (BF16_GRAD_MODES, BF16_EXACT_DIAGONAL). dx depends only on the mode of dx's GEMM and
+# dt only on dt's, so runs "a" and "b" measure the split and one bfloat16 product in each GEMM;
+# "c": one float16 product; "d": one bfloat16 product without the diagonal correction.
+RUNS = {
+    "a": (("bf16x2", "bf16"), True),
+    "b": (("bf16", "bf16x2"), True),
+    "c": (("f16x1", "f16x1"), True),
+    "d": (("bf16", "bf16"), False),
 }
-# whole-backward modes (products per GEMM for dx, dt) -> N^2 D products in all (forward and recompute: 2)
+GEMM_MODES = {  # name -> (run measuring dx in it, run measuring dt in it, what it is)
+    "split": ("a", "b", 'MODE "bf16x2": a split into bfloat16 hi + lo, 2 products'),
+    "bf16": ("b", "a", 'MODE "bf16": a rounded once to bfloat16, 1 product, its diagonal term corrected exactly'),
+    "f16": ("c", "c", 'MODE "f16x1": a scaled and rounded once to float16, 1 product with float16 copies of t and x'),
+    "bf16-plain": ("d", "d", 'MODE "bf16" without the diagonal correction'),
+}
+# whole-backward modes (dx GEMM, dt GEMM); N^2 D products in all: forward 1 + recompute 1 + the GEMMs'
 MODES = {
     "6 products (split, split)": ("split", "split"),
-    "5 products (split dx, one dt)": ("split", "one"),
-    "5 products (one dx, split dt)": ("one", "split"),
-    "4 products (one, one)": ("one", "one"),
-    "4 products (one-plain, one-plain)": ("one-plain", "one-plain"),
+    "5 products (split, bf16)": ("split", "bf16"),
+    "5 products (bf16, split)": ("bf16", "split"),
+    "4 products (bf16, bf16)": ("bf16", "bf16"),
+    "4 products (bf16-plain, bf16-plain)": ("bf16-plain", "bf16-plain"),
+    "4 products (f16, f16)": ("f16", "f16"),
 }
 OUTPUTS = ("loss", "dx", "dt", "dscale")
-KINDS = {"random": (0.0, False), "aligned": (1.0, False), "aligned4": (4.0, False), "duplicates": (0.0, True)}
+KINDS = {  # pairs(..., align=, duplicates=) and whether the rows' norms spread over 1e-8 .. 1e8 (with a zero row)
+    "random": (0.0, False, False),
+    "aligned": (1.0, False, False),
+    "aligned4": (4.0, False, False),
+    "duplicates": (0.0, True, False),
+    "norms": (1.0, False, True),
+}
 SCALES = (1.0, 14.3, 100.0)  # tau 1, 0.07, 0.01
-FULL = dict(n=(37, 97, 211), d=(40, 64, 128, 256))
+FULL = dict(n=(37, 89, 151), d=(40, 64, 128, 256))
 QUICK = dict(n=(37,), d=(40,))
 
 
@@ -70,13 +84,18 @@ def gpu_tiles() -> None:
 def measure(n: int, d: int, scale: float, kind: str, seed: int) -> dict:
     """``{output: {"ref": e_ref, mode: (e_fast, ok)}}`` of one case: modes of ``GEMM_MODES`` for dx and
     dt, "fused" for the loss and dscale (the same in every run: checked)."""
-    align, dup = KINDS[kind]
+    align, dup, spread = KINDS[kind]
     x, t = pairs(n, d, torch.bfloat16, seed=seed, align=align, duplicates=dup)
+    if spread:  # float16 copies must keep rows of any norm (MODE "f16x1" scales each row)
+        g = torch.Generator().manual_seed(seed)
+        x = (x.float() * torch.pow(10.0, torch.rand(n, 1, generator=g) * 16 - 8)).bfloat16()
+        t = (t.float() * torch.pow(10.0, torch.rand(n, 1, generator=g) * 16 - 8)).bfloat16()
+        x[n // 2] = 0.0
     truth = loss_and_grads(x, t, scale, "reference", cast=torch.float64)
     ref = loss_and_grads(x, t, scale, "reference")
     runs = {}
-    for name, (products, diagonal) in RUNS.items():
-        tc.BF16_GRAD_PRODUCTS, tc.BF16_EXACT_DIAGONAL = products, diagonal
+    for name, (modes, diagonal) in RUNS.items():
+        tc.BF16_GRAD_MODES, tc.BF16_EXACT_DIAGONAL = modes, diagonal
         runs[name] = loss_and_grads(x, t, scale, "triton")
     out = {}
     for i, (what, r, w) in enumerate(zip(OUTPUTS, ref, truth)):
@@ -139,7 +158,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     grid = QUICK if a.quick else FULL
     gpu_tiles()
-    default = tc.BF16_GRAD_PRODUCTS, tc.BF16_EXACT_DIAGONAL
+    default = tc.BF16_GRAD_MODES, tc.BF16_EXACT_DIAGONAL
     _header()
     t0 = time.perf_counter()
     results = []
@@ -151,7 +170,7 @@ def main(argv=None) -> int:
             for what, modes in COLUMNS:
                 row += [f"{res[what]['ref']:.2e}"] + [_cell(res[what], m) for m in modes]
             print("| " + " | ".join(row) + " |", flush=True)
-    tc.BF16_GRAD_PRODUCTS, tc.BF16_EXACT_DIAGONAL = default
+    tc.BF16_GRAD_MODES, tc.BF16_EXACT_DIAGONAL = default
     print(f"\n{len(results)} cases in {time.perf_counter() - t0:.0f} s.")
     _summary(results)
     return 0

@@ -55,74 +55,92 @@ def bfloat16_dots():
 
 
 @pytest.fixture
-def bf16_products(monkeypatch):
-    """Set ``BF16_GRAD_PRODUCTS`` for one test: ``bf16_products((1, 1))``."""
+def bf16_modes(monkeypatch):
+    """Set ``BF16_GRAD_MODES`` for one test: ``bf16_modes(("bf16", "bf16"))``."""
     from sea_kernels.triton import contrastive as tc
 
-    return lambda products: monkeypatch.setattr(tc, "BF16_GRAD_PRODUCTS", products)
+    return lambda modes: monkeypatch.setattr(tc, "BF16_GRAD_MODES", modes)
 
 
 BF16_CASES = {"ragged": (37, 40, 14.3, False), "duplicates": (30, 24, 100.0, True)}
 
 
-@pytest.mark.parametrize("products", [(2, 2), (1, 1)], ids=["split", "one"])
+@pytest.mark.parametrize("mode", ["f16x1", "bf16x2", "bf16"])
 @pytest.mark.parametrize("case", list(BF16_CASES))
-def test_bfloat16(case, products, bfloat16_dots, bf16_products):
-    """The bfloat16 backward in both modes of the gradient GEMMs, on the GPU's arithmetic."""
+def test_bfloat16(case, mode, bfloat16_dots, bf16_modes):
+    """The bfloat16 backward in each mode of the gradient GEMMs, on the GPU's arithmetic."""
     n, d, scale, dup = BF16_CASES[case]
-    bf16_products(products)
+    bf16_modes((mode, mode))
     x, t = pairs(n, d, torch.bfloat16, seed=n * 7 + d, duplicates=dup)
     check_contrastive(x, t, scale, "triton", grad_out=3.0)
 
 
+def test_bfloat16_chunks_and_row_norms(bfloat16_dots, monkeypatch):
+    """The default mode (float16 copies with a scale per row, a scale per chunk) with 32-row chunks and
+    rows whose norms spread over 1e-6 .. 1e6, a zero row and one below the norm's eps."""
+    from sea_kernels.triton import contrastive as tc
+
+    monkeypatch.setattr(tc, "BWD_CHUNK_BUDGET", 70 * 32)
+    monkeypatch.setattr(tc, "BWD_MIN_ROWS", 32)
+    x, t = pairs(70, 20, torch.bfloat16, seed=9, align=1.0)
+    g = torch.Generator().manual_seed(9)
+    x = (x.float() * torch.pow(10.0, torch.rand(70, 1, generator=g) * 12 - 6)).bfloat16()
+    t = (t.float() * torch.pow(10.0, torch.rand(70, 1, generator=g) * 12 - 6)).bfloat16()
+    x[40], t[3] = 0.0, t[3] * 1e-14
+    check_contrastive(x, t, 30.0, "triton", grad_out=3.0)
+
+
 @pytest.mark.parametrize("gemm", ["dx", "dt"])
-def test_bfloat16_gemm_modes(gemm, bfloat16_dots, monkeypatch):
-    """Each bfloat16 mode of the gradient GEMM against a float64 model of what it computes, in both
+@pytest.mark.parametrize("mode", ["bf16x2", "bf16", "f16x1"])
+def test_bfloat16_gemm_modes(gemm, mode, bfloat16_dots, monkeypatch):
+    """Each bfloat16 mode of a gradient GEMM against a float64 model of what it computes, in both
     orientations (dx: ``a`` the chunk of ``H``, its diagonal at column ``r0 + i``; dt: ``a = H^T``, its
-    diagonal at row ``r0 + k``): hi + lo is ``a`` to about 16 bits; one product is ``a`` rounded to
-    bfloat16 except the diagonal entries, exact. Without the correction the diagonal is off."""
+    diagonal at row ``r0 + k``), on a chunk whose largest entry is small (the float16 mode's scale):
+    hi + lo is ``a`` to about 16 bits; one product is ``a`` rounded to bfloat16 (float16) except the
+    diagonal entries, exact. Without the correction the diagonal is off."""
     from sea_kernels.triton import contrastive as tc
 
     g = torch.Generator().manual_seed(5)
     rows, n, d, r0 = 20, 45, 24, 16
-    h = torch.randn(rows, n, generator=g) * 0.05
-    h[torch.arange(rows), r0 + torch.arange(rows)] = -1.7 + 0.1 * torch.rand(rows, generator=g)
+    h = torch.randn(rows, n, generator=g) * 1e-9
+    h[torch.arange(rows), r0 + torch.arange(rows)] = (-1.7 + 0.1 * torch.rand(rows, generator=g)) * 1e-6
+    v = torch.randn(rows if gemm == "dt" else n, d, generator=g).to(torch.bfloat16)
+    inv_norm = torch.rand(v.shape[0], generator=g) + 0.5
+    op = tc._Operand(v.to(DEVICE), inv_norm.to(DEVICE), mode)
     if gemm == "dx":  # U = (H * q) @ t
-        a, strides, m, k, off = h, (h.stride(0), 1), rows, n, r0
-    else:  # V = (H * r)^T @ x[r0:r1]
-        a, strides, m, k, off = h.T, (1, h.stride(0)), n, rows, -r0
-    kv = torch.rand(k, generator=g) + 0.5
-    b = torch.randn(k, d, generator=g).to(torch.bfloat16)
-    scaled = a * kv  # float32, as the kernel computes it
-    rounded = scaled.to(torch.bfloat16).float()
+        a, strides, m, k, off, op = h, (h.stride(0), 1), rows, n, r0, op.rows(0, n, h.abs().max())
+    else:  # V = (H * r)^T @ x[r0:r1] (here x has just the chunk's rows)
+        a, strides, m, k, off, op = h.T, (1, h.stride(0)), n, rows, -r0, op.rows(0, rows, h.abs().max())
+    scaled = a * op.kv.cpu()  # float32, as the kernel computes it
+    rounded = scaled.to(op.b.dtype).float() if mode != "bf16x2" else scaled
     diag = torch.arange(m)[:, None] + off == torch.arange(k)[None, :]
-    models = {2: scaled, 1: torch.where(diag, scaled, rounded)}
+    b = op.b.cpu().double() * op.c_scale.cpu().double()
+    want = torch.where(diag, scaled, rounded).double() @ b
+    tol = 1e-5 * want.abs().max().item()  # float32 accumulation, not bfloat16 (~4e-3) or float16 (~5e-4) rounding
 
-    def run(products, exact_diagonal=True):
+    def run(exact_diagonal=True):
         monkeypatch.setattr(tc, "BF16_EXACT_DIAGONAL", exact_diagonal)
         c = torch.empty(m, d, device=DEVICE)
-        tc._gemm(h.to(DEVICE), *strides, kv.to(DEVICE), b.to(DEVICE), c, m, k, off, False, False, products)
+        tc._gemm(h.to(DEVICE), *strides, op, c, m, k, off, False, False)
         return c.cpu().double()
 
-    for products, model in models.items():
-        want = model.double() @ b.double()
-        tol = 1e-5 * want.abs().max().item()  # float32 accumulation, not bfloat16 rounding (~4e-3)
-        assert (run(products) - want).abs().max().item() <= tol, products
-    plain = run(1, exact_diagonal=False)
-    assert (plain - models[1].double() @ b.double()).abs().max().item() > 30 * tol
-    torch.testing.assert_close(plain, rounded.double() @ b.double(), rtol=0, atol=tol)
+    assert (run() - want).abs().max().item() <= tol
+    if mode != "bf16x2":
+        plain = run(exact_diagonal=False)
+        assert (plain - want).abs().max().item() > 10 * tol
+        torch.testing.assert_close(plain, rounded.double() @ b, rtol=0, atol=tol)
 
 
-def test_bfloat16_default_is_the_split(bfloat16_dots, bf16_products):
-    """The default bfloat16 backward is the hi + lo split, the only mode within the 2x-reference rule
-    in every case of the error study (benchmarks/results/2026-11-30-loss-bf16-precision): its
-    gradients equal the split's bitwise and differ from one product's."""
+def test_bfloat16_default_is_one_float16_product(bfloat16_dots, bf16_modes):
+    """The default bfloat16 backward is one float16 product per gradient GEMM (the fastest mode within
+    the rule in every case of the error study, benchmarks/results/2026-11-30-loss-bf16-precision): its
+    gradients equal that mode's bitwise and differ from the hi + lo split's."""
     x, t = pairs(37, 40, torch.bfloat16, seed=11)
     default = loss_and_grads(x, t, 14.3, "triton")
-    bf16_products((2, 2))
-    split = loss_and_grads(x, t, 14.3, "triton")
-    bf16_products((1, 1))
+    bf16_modes(("f16x1", "f16x1"))
     one = loss_and_grads(x, t, 14.3, "triton")
-    for what, p, q, r in zip(("loss", "dx", "dt", "dscale"), default, split, one):
+    bf16_modes(("bf16x2", "bf16x2"))
+    split = loss_and_grads(x, t, 14.3, "triton")
+    for what, p, q, r in zip(("loss", "dx", "dt", "dscale"), default, one, split):
         assert torch.equal(p, q), what
         assert torch.equal(p, r) == (what in ("loss", "dscale")), what

@@ -99,9 +99,9 @@ def _labels_case(L, dt: str, sample: bool, k_pad: int, ww: int, c) -> Case:
 
 
 def _contrastive_cases(full: bool) -> list[Case]:
-    """Full: every config of every list and the fixed ones, each dtype. CI: bf16 and fp32, the fixed
-    configs and the first tuned one; fp16's first tuned GEMM (its own TF32 split). bf16 GEMMs: both
-    modes (hi + lo split, one product) in each."""
+    """Full: every config of every list and the fixed ones, each dtype, bf16 GEMMs in each mode. CI:
+    bf16 and fp32, the fixed configs and the first tuned one (bf16 GEMMs: every mode in the fixed
+    config, the default modes in the tuned one); fp16's first tuned GEMM (its own TF32 split)."""
     from . import contrastive as C
 
     out = []
@@ -121,17 +121,19 @@ def _contrastive_cases(full: bool) -> list[Case]:
                 chosen.append((generic, C.config(fixed[single]), False))
             for jit, c, specialized in chosen:
                 for acc in (False, True) if what == "gemm" and full else (True,):
-                    for mode in _gemm_modes(dt) if what == "gemm" else (None,):
+                    for mode in _gemm_modes(C, dt, full or not specialized) if what == "gemm" else (None,):
                         out.append(_contrastive_case(C, what, jit, dt, c, specialized, acc, mode))
         if full or dt == "bf16":
             out += _row_kernel_cases(C, dt)
     return _unique(out)
 
 
-def _gemm_modes(dt: str) -> list[str]:
-    """The gradient GEMM's ``MODE``s for operands of ``dt``: bfloat16 has two (``BF16_GRAD_PRODUCTS``:
-    "bf16x2", the hi + lo split, and "bf16", one product with its exact diagonal)."""
-    return ["bf16x2", "bf16"] if dt == "bf16" else [{"fp16": "f16"}.get(dt, "f32")]
+def _gemm_modes(C, dt: str, every: bool) -> list[str]:
+    """The gradient GEMM's ``MODE``s for operands of ``dt``: bfloat16 has three (``BF16_GRAD_MODES``:
+    "bf16x2", "bf16", "f16x1"); ``every`` false: only those ``BF16_GRAD_MODES`` selects."""
+    if dt != "bf16":
+        return [{"fp16": "f16"}.get(dt, "f32")]
+    return [m for m in ("bf16x2", "bf16", "f16x1") if every or m in C.BF16_GRAD_MODES]
 
 
 def _row_kernel_cases(C, dt: str) -> list[Case]:
@@ -152,8 +154,8 @@ def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumula
     prec = "ieee" if dt == "fp32" else "tf32"
     types = {a: "*fp32" for a in jit.arg_names if a.endswith("_ptr")}
     if what == "gemm":
-        types["b_ptr"] = f"*{dt}"
-        kw.update(ACCUMULATE=accumulate, MODE=mode, EXACT_DIAG=mode == "bf16", DOT_PREC=prec)
+        types["b_ptr"] = "*fp16" if mode == "f16x1" else f"*{dt}"
+        kw.update(ACCUMULATE=accumulate, MODE=mode, DOT_PREC=prec)
     else:
         types.update(x_ptr=f"*{dt}", t_ptr=f"*{dt}")
         kw.update(DOT_PREC=prec)

@@ -80,11 +80,11 @@ BWD_CHUNK_BUDGET = 1 << 26  # float32 entries of the backward H chunk (256 MiB, 
 BWD_MAX_ROWS = 4096  # ... of at most this many rows (never N x N beyond N = 4096) ...
 BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N = 131072 on: 2 KiB x N),
 # so that V's read-modify-write per chunk stays small next to the chunk's products (K = rows)
-# bfloat16 products of the two gradient GEMMs (dx's U, dt's V; see Precision above): 2 (hi + lo
-# split, the default: the only choice within the 2x-reference rule in every measured case) or 1 (a
-# rounded once, faster, up to 3.6x the reference's error; its diagonal term is corrected exactly
-# unless BF16_EXACT_DIAGONAL is off, which only the error study does).
-BF16_GRAD_PRODUCTS = (2, 2)
+# MODE of the two gradient GEMMs (dx's U, dt's V) for bfloat16 inputs (see Precision above): "bf16x2"
+# (hi + lo split, 2 products), "bf16" (a rounded once to bfloat16, 1 product) or "f16x1" (a rounded
+# once to float16 against float16 copies of t and x, 1 product). BF16_EXACT_DIAGONAL (one-product
+# modes: the diagonal terms' rounding error added back exactly) is turned off only by the error study.
+BF16_GRAD_MODES = ("f16x1", "f16x1")
 BF16_EXACT_DIAGONAL = True
 FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
 
@@ -271,6 +271,7 @@ def _probs_body(
     col_ls_ptr,
     h_ptr,
     ds_ptr,
+    hmax_ptr,
     row0,
     n_rows,
     N,
@@ -286,7 +287,7 @@ def _probs_body(
     GROUP_M: tl.constexpr,
 ):
     """``H = (P_row - I) + (P_col - I)`` for rows ``row0 .. row0 + n_rows`` (local row index in ``h``),
-    and ``sum(H * l)`` of the tile at ``ds_ptr[program id]``."""
+    ``sum(H * l)`` of the tile at ``ds_ptr[program id]`` and ``max |H|`` at ``hmax_ptr[program id]``."""
     pid = tl.program_id(0)
     pid_m, pid_n = _swizzle(pid, tl.cdiv(n_rows, BM), tl.cdiv(N, BN), GROUP_M)
     rows_local = pid_m * BM + tl.arange(0, BM)
@@ -318,6 +319,7 @@ def _probs_body(
     tl.store(hp, h, mask=mask)
     # sum(H * l) of the tile: float32 over each row, float64 across rows (d scale = c * sum(H l) / scale)
     tl.store(ds_ptr + pid, tl.sum(tl.sum(tl.where(mask, h * z, 0.0), 1).to(tl.float64), 0))
+    tl.store(hmax_ptr + pid, tl.max(tl.max(tl.where(mask, tl.abs(h), 0.0), 1), 0))
 
 
 def _gemm_body(
@@ -325,6 +327,7 @@ def _gemm_body(
     kv_ptr,
     b_ptr,
     c_ptr,
+    cs_ptr,
     M,
     NO,
     K,
@@ -332,11 +335,9 @@ def _gemm_body(
     stride_ak,
     stride_bk,
     stride_cm,
-    diag_off,
     TUNE_KEY,
     ACCUMULATE: tl.constexpr,
     MODE: tl.constexpr,
-    EXACT_DIAG: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -344,14 +345,16 @@ def _gemm_body(
     GROUP_M: tl.constexpr,
 ):
     """``c (+)= (a * kv[None, :]) @ b``: ``a`` float32 ``M x K`` (any strides), ``kv`` float32 ``K``,
-    ``b`` ``K x NO`` row-major in the input dtype, ``c`` float32 ``M x NO``.
+    ``b`` ``K x NO`` row-major, ``c`` float32 ``M x NO``.
 
-    MODE "bf16": ``a * kv`` rounded once to bfloat16 (to nearest), one product with the exact ``b``
-    (bfloat16 keeps float32's exponent range); with ``EXACT_DIAG`` the epilogue adds the rounding
-    error of the diagonal entries (``a[m, m + diag_off]``, the large ``P - 1`` terms) times their
-    row of ``b``, exactly in float32: O(BM x BN) work per output tile. MODE "bf16x2": ``a * kv`` split
-    into bfloat16 hi + lo, two products. MODE "f16": split into TF32 hi + lo (bit masks), ``b``
-    converted to float32 (exact in TF32), two TF32 products: float16's range would lose small ``a``.
+    MODE "f16x1" (bfloat16 inputs): ``b`` is a float16 copy of them, each row scaled by a power of two
+    (exact), and ``kv`` carries the inverse of that scale and a power of two for the chunk (``1 /
+    cs_ptr[0]``) that puts ``max |a * kv|`` near 2**14: ``a * kv`` rounded once to float16 (11
+    significant bits), one product, and ``acc * cs_ptr[0]`` (exact). MODE "bf16": ``a * kv`` rounded
+    once to bfloat16 (8 bits), one product with the exact bfloat16 ``b``. MODE "bf16x2": ``a * kv``
+    split into bfloat16 hi + lo, two products (``_exact_diagonal`` corrects the one-product modes).
+    MODE "f16" (float16 inputs): split into TF32 hi + lo (bit masks), ``b`` converted to float32
+    (exact in TF32), two TF32 products: float16's range would lose small ``a`` unscaled.
     MODE "f32": one product at ``DOT_PREC`` (``F32_DOT``; float32 under the interpreter).
     """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NO, BN), GROUP_M)
@@ -371,6 +374,8 @@ def _gemm_body(
         b = tl.load(bp, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if MODE == "bf16":
             acc = tl.dot(a.to(tl.bfloat16), b, acc)
+        elif MODE == "f16x1":
+            acc = tl.dot(a.to(tl.float16), b, acc)
         elif MODE == "bf16x2":
             a_hi = a.to(tl.bfloat16)
             a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
@@ -385,16 +390,8 @@ def _gemm_body(
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         ap += BK * stride_ak
         bp += BK * stride_bk
-    kd0 = pid_m * BM + diag_off  # the k of the tile's first diagonal entry
-    if EXACT_DIAG:
-        if (kd0 < K) & (kd0 + BM > 0):
-            kd = rm + diag_off
-            dmask = mmask & (kd >= 0) & (kd < K)
-            ad = tl.load(a_ptr + rm.to(tl.int64) * stride_am + kd.to(tl.int64) * stride_ak, mask=dmask, other=0.0)
-            ad = ad * tl.load(kv_ptr + kd, mask=dmask, other=0.0)  # as in the K loop: the same rounding
-            bdp = b_ptr + kd.to(tl.int64)[:, None] * stride_bk + rn[None, :]
-            bd = tl.load(bdp, mask=dmask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-            acc += (ad - ad.to(tl.bfloat16).to(tl.float32))[:, None] * bd  # exact products, one rounding
+    if MODE == "f16x1":
+        acc = acc * tl.load(cs_ptr)
     cp = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     cmask = mmask[:, None] & nmask[None, :]
     if ACCUMULATE:
@@ -487,7 +484,7 @@ _PROBS_TUNED = tuner(
         dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=2),
     ],
     "x_ptr",
-    reset_to_zero=["ds_ptr"],  # its layout depends on the tile: a tuning run must leave no stale entry
+    reset_to_zero=["ds_ptr", "hmax_ptr"],  # their layout depends on the tile: a tuning run must leave no stale entry
 )
 PROBS_GPU_FIXED = (
     dict(BM=64, BN=64, BK=32, GROUP_M=8, warps=4, stages=2),
@@ -497,9 +494,7 @@ _PROBS_FIXED = [config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else c
 _PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 _PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 
-_GEMM = _kernel(
-    _gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "diag_off", "TUNE_KEY"]
-)
+_GEMM = _kernel(_gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "TUNE_KEY"])
 _GEMM_TUNED = tuner(
     _GEMM[0],
     ["TUNE_KEY", "NO"],
@@ -614,11 +609,10 @@ def _forward_stats(x, t, rx, rt, scale):
     return row_m, row_ls, col_m, col_ls, diag
 
 
-def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, diag_off, accumulate, big, products):
-    """``c (+)= (a * kv) @ b`` (``_gemm_body``); ``a``'s diagonal entries are ``a[i, i + diag_off]``;
-    ``products``: bfloat16 products (1 or 2) if ``b`` is bfloat16."""
-    no = b.shape[1]
-    mode = {torch.bfloat16: "bf16" if products == 1 else "bf16x2", torch.float16: "f16"}.get(b.dtype, "f32")
+def _gemm(a, stride_am, stride_ak, op, c, m, k, diag_off, accumulate, big):
+    """``c (+)= (a * op.kv) @ op.b`` (``_gemm_body`` in ``op.mode``, then ``_exact_diagonal``); ``a``'s
+    diagonal entries are ``a[i, i + diag_off]``."""
+    no = op.b.shape[1]
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(no, meta["BN"]),)
@@ -626,35 +620,132 @@ def _gemm(a, stride_am, stride_ak, kv, b, c, m, k, diag_off, accumulate, big, pr
     launch(
         _GEMM[1],
         _GEMM_TUNED,
-        _GEMM_FIXED[b.dtype == torch.float32],
+        _GEMM_FIXED[op.b.dtype == torch.float32],
         grid,
         big,
         a_ptr=a,
-        kv_ptr=kv,
-        b_ptr=b,
+        kv_ptr=op.kv,
+        b_ptr=op.b,
         c_ptr=c,
+        cs_ptr=op.c_scale,
         M=m,
         NO=no,
         K=k,
         stride_am=stride_am,
         stride_ak=stride_ak,
-        stride_bk=b.stride(0),
+        stride_bk=op.b.stride(0),
         stride_cm=c.stride(0),
-        diag_off=diag_off,
         TUNE_KEY=_bucket(m) * 64 + _bucket(k),
         ACCUMULATE=accumulate,
-        MODE=mode,
-        EXACT_DIAG=mode == "bf16" and BF16_EXACT_DIAGONAL,
-        DOT_PREC=dot_precision(b.dtype),
+        MODE=op.mode,
+        DOT_PREC=dot_precision(op.b.dtype),
     )
+    if op.mode in ("bf16", "f16x1") and BF16_EXACT_DIAGONAL:
+        _exact_diagonal(torch.as_strided(a, (m, k), (stride_am, stride_ak)), op, c, diag_off)
 
 
-def _bf16_products() -> tuple[int, int]:
-    """``BF16_GRAD_PRODUCTS``, checked: (dx's GEMM, dt's GEMM), each 1 or 2."""
-    products = tuple(BF16_GRAD_PRODUCTS)
-    if len(products) != 2 or not set(products) <= {1, 2}:
-        raise ValueError(f"BF16_GRAD_PRODUCTS must be two of 1 or 2 (dx, dt); got {BF16_GRAD_PRODUCTS!r}")
-    return products
+def _exact_diagonal(a, op, c, diag_off):
+    """After a one-product GEMM ``c (+)= (a * op.kv) @ op.b``: add the rounding error of ``a``'s diagonal
+    entries ``a[i, i + diag_off]`` (the ``P - 1`` terms, the largest of ``H``) times their rows of ``b``,
+    exactly in float32 (the error is exact, its product with 8 or 11 significant bits too): O(C D)."""
+    m, k = a.shape
+    i = torch.arange(max(0, -diag_off), min(m, k - diag_off), device=a.device)
+    kd = i + diag_off
+    ad = a[i, kd] * op.kv[kd]  # the kernel's float32 product, rounded as the kernel rounds it
+    err = ad - ad.to(op.b.dtype).float()
+    c[i] += (err[:, None] * op.b[kd].float()) * op.c_scale
+
+
+class _Operand:
+    """The ``b`` side of a gradient GEMM: ``v`` (``t`` or ``x``, bfloat16 ... float32) and its inverse
+    norms, in the form ``mode`` multiplies (MODE "f16x1": a float16 copy of ``v``, see ``_half_rows``)."""
+
+    def __init__(self, v: torch.Tensor, inv_norm: torch.Tensor, mode: str):
+        self.mode, self.b, self.kv = mode, v, inv_norm
+        self.c_scale = torch.ones(1, dtype=torch.float32, device=v.device)  # MODE "f16x1": set by ``rows``
+        if mode == "f16x1":
+            self.b, self.kv_half = _half_rows(v, inv_norm)
+
+    def rows(self, r0: int, r1: int, hmax: torch.Tensor | None = None) -> _Operand:
+        """Rows ``r0:r1`` of ``b`` and ``kv``; MODE "f16x1": ``kv`` times a power of two ``rho`` that puts
+        ``max |a * kv|`` (``a`` the chunk of ``H``, ``max |a| = hmax``) near 2**14 (``c_scale = 1 / rho``)."""
+        out = _Operand.__new__(_Operand)
+        out.mode, out.b, out.kv, out.c_scale = self.mode, self.b[r0:r1], self.kv[r0:r1], self.c_scale
+        if self.mode == "f16x1":
+            kv = self.kv_half[r0:r1]
+            top = (hmax * kv.max()).double().clamp(min=1e-300)
+            limit = torch.log2(2.0**126 / kv.max().double().clamp(min=1e-300)).floor()  # kv * rho stays finite
+            e = torch.minimum(14 - torch.log2(top).ceil(), limit).clamp(min=-126, max=126)
+            out.kv = (kv.double() * torch.exp2(e)).float()
+            out.c_scale = torch.exp2(-e).float().reshape(1)
+        return out
+
+
+def _half_rows(v: torch.Tensor, inv_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v`` (bfloat16) in float16 with each row scaled by a power of two ``s`` that puts its largest
+    entry in ``[2**13, 2**14)``: exact for entries down to ``2**-31`` of the row's largest (8 significant
+    bits in float16's range), and ``inv_norm / s`` (0 for a zero row)."""
+    amax = v.abs().amax(1).float()
+    _, e = torch.frexp(amax)  # amax < 2**e
+    shift = (14 - e).clamp(max=126).float()
+    kv = torch.where(amax > 0, inv_norm * torch.exp2(-shift), 0.0)  # a zero row's 1 / eps would set rho
+    return (v.float() * torch.exp2(shift)[:, None]).half(), kv
+
+
+def _bf16_modes() -> tuple[str, str]:
+    """``BF16_GRAD_MODES``, checked: the MODE of (dx's GEMM, dt's GEMM) for bfloat16 inputs."""
+    modes = tuple(BF16_GRAD_MODES)
+    if len(modes) != 2 or not set(modes) <= {"bf16x2", "bf16", "f16x1"}:
+        raise ValueError(f"BF16_GRAD_MODES must be two of 'bf16x2', 'bf16', 'f16x1' (dx, dt); got {modes!r}")
+    return modes
+
+
+def _operands(x, t, rx, rt) -> tuple[_Operand, _Operand]:
+    """The ``b`` sides of dx's GEMM (``t``) and dt's (``x``) in the dtype's modes."""
+    if x.dtype == torch.bfloat16:
+        mode_x, mode_t = _bf16_modes()
+    else:
+        mode_x = mode_t = {torch.float16: "f16"}.get(x.dtype, "f32")
+    return _Operand(t, rt, mode_x), _Operand(x, rx, mode_t)
+
+
+def _probs(x, t, rx, rt, scale, stats, h, r0, m, big):
+    """``H`` of rows ``r0 .. r0 + m`` into ``h`` (``_probs_body``); returns ``sum(H * l)`` (float64) and
+    ``max |H|`` (float32), 0-d."""
+    n, d = x.shape
+    parts = triton.cdiv(m, _PROBS_MIN_BM) * triton.cdiv(n, _PROBS_MIN_BN)
+    ds = torch.zeros(parts, dtype=torch.float64, device=x.device)
+    hmax = torch.zeros(parts, dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+    launch(
+        _PROBS[1],
+        _PROBS_TUNED,
+        _PROBS_FIXED[x.dtype == torch.float32],
+        grid,
+        big,
+        x_ptr=x,
+        t_ptr=t,
+        rx_ptr=rx,
+        rt_ptr=rt,
+        scale_ptr=scale,
+        **dict(zip(("row_m_ptr", "row_ls_ptr", "col_m_ptr", "col_ls_ptr"), stats)),
+        h_ptr=h,
+        ds_ptr=ds,
+        hmax_ptr=hmax,
+        row0=r0,
+        n_rows=m,
+        N=n,
+        D=d,
+        stride_x=x.stride(0),
+        stride_t=t.stride(0),
+        stride_h=h.stride(0),
+        TUNE_KEY=_bucket(m) * 64 + _bucket(n),
+        DOT_PREC=dot_precision(x.dtype),
+    )
+    return ds.sum(), hmax.max()
 
 
 def _finish(u, v, r, w, coef, out):
@@ -710,51 +801,18 @@ class _ContrastiveLoss(torch.autograd.Function):
         h = torch.empty((rows, n), dtype=f32, device=dev)
         u = torch.empty((rows, d), dtype=f32, device=dev) if need_x else None
         ds_parts = []
-        stats_kw = dict(zip(("row_m_ptr", "row_ls_ptr", "col_m_ptr", "col_ls_ptr"), stats))
-        prec = dot_precision(x.dtype)
         big = n * n * d >= AUTOTUNE_MIN_WORK
-        products = _bf16_products()
+        op_t, op_x = _operands(x, t, rx, rt)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             m = r1 - r0
-            ds = torch.zeros(
-                triton.cdiv(m, _PROBS_MIN_BM) * triton.cdiv(n, _PROBS_MIN_BN), dtype=torch.float64, device=dev
-            )
-
-            def grid(meta, m=m):
-                return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
-
-            launch(
-                _PROBS[1],
-                _PROBS_TUNED,
-                _PROBS_FIXED[x.dtype == torch.float32],
-                grid,
-                big,
-                x_ptr=x,
-                t_ptr=t,
-                rx_ptr=rx,
-                rt_ptr=rt,
-                scale_ptr=scale,
-                **stats_kw,
-                h_ptr=h,
-                ds_ptr=ds,
-                row0=r0,
-                n_rows=m,
-                N=n,
-                D=d,
-                stride_x=x.stride(0),
-                stride_t=t.stride(0),
-                stride_h=h.stride(0),
-                TUNE_KEY=_bucket(m) * 64 + _bucket(n),
-                DOT_PREC=prec,
-            )
-            ds_parts.append(ds.sum())
+            ds, hmax = _probs(x, t, rx, rt, scale, stats, h, r0, m, big)
+            ds_parts.append(ds)
             if need_x:
-                _gemm(h, h.stride(0), 1, rt, t, u, m, n, r0, accumulate=False, big=big, products=products[0])
+                _gemm(h, h.stride(0), 1, op_t.rows(0, n, hmax), u, m, n, r0, accumulate=False, big=big)
                 _finish(u, x[r0:r1], rx[r0:r1], wx[r0:r1], coef, dx[r0:r1])
             if need_t:
-                v_args = (h, 1, h.stride(0), rx[r0:r1], x[r0:r1], v, n, m, -r0)
-                _gemm(*v_args, accumulate=r0 > 0, big=big, products=products[1])
+                _gemm(h, 1, h.stride(0), op_x.rows(r0, r1, hmax), v, n, m, -r0, accumulate=r0 > 0, big=big)
         if need_t:
             _finish(v, t, rt, wt, coef, dt)
         dscale = (c.double() / s.double() * torch.stack(ds_parts).sum()).to(scale.dtype) if need_s else None
