@@ -2,8 +2,9 @@
 
 The contract tests against the reference, for every backend, are in ``test_contrastive.py`` (the
 harness in ``_checks.py``). Here: forced chunking and column splits, float64 (runs the reference),
-and bfloat16 on CPU, where the interpreter's tl.dot has none: one test patches the interpreter to
-compute as the GPU does (see ``bfloat16_dots``).
+and bfloat16 on CPU, where the interpreter's tl.dot has none: those tests patch the interpreter to
+compute as the GPU does (``tests/_gpu_dots.py``), in each mode of the gradient GEMMs
+(``BF16_GRAD_MODES``).
 """
 
 from __future__ import annotations

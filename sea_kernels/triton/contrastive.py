@@ -41,15 +41,30 @@ Why not FlashAttention's backward (a program per row block accumulating ``dX`` i
 ``D`` up to 4096 a ``BM x D`` float32 accumulator does not fit, and splitting ``D`` over programs
 would recompute every logits tile ``D / BD`` times. Here each tile is recomputed once and the two
 gradient products are plain GEMMs: 1 (forward) + 1 (recompute) + 2 matrix products of
-``N x N x D`` (the last two at twice the tensor-core work for 16-bit inputs, see below), plus
-``12 N^2`` bytes of traffic for ``H``. Extra memory: the ``C x N`` chunk, ``V`` (``N x D`` float32),
-``U`` (``C x D`` float32).
+``N x N x D``, four tensor-core products in all for bfloat16 inputs (float16 inputs: each gradient
+GEMM is two TF32 products, see below), plus ``12 N^2`` bytes of traffic for ``H``. Extra memory: the
+``C x N`` chunk, ``V`` (``N x D`` float32), ``U`` (``C x D`` float32); bfloat16 inputs: float16 copies
+of ``x`` and ``t``.
 
-Precision: ``H`` stays float32. bfloat16 inputs: the GEMMs split ``a = H * q`` into bfloat16
-``hi + lo`` (about 16 significant bits) and run two products against the exact bfloat16 ``t``/``x``.
+Precision: ``H`` stays float32. bfloat16 inputs (``BF16_GRAD_MODES``, per gradient GEMM): by default
+(MODE "f16x1") ``a = H * q`` is rounded once to float16 (11 significant bits) against float16 copies
+of ``t``/``x`` whose rows are scaled by powers of two (exact: bfloat16's 8 bits fit, and the scale
+keeps every row in float16's range), ``a`` scaled by a power of two per chunk so that its largest
+entry is near 2**14, and the diagonal entries' rounding error (``P_ii - 1``, the largest terms) added
+back exactly in float32 (``_exact_diagonal``, O(C D)): one tensor-core product per GEMM at the
+bfloat16 rate, 4 ``N^2 D`` products in all. The error study (``benchmarks/loss_precision.py``,
+``benchmarks/results/2026-11-30-loss-bf16-precision/``: random, aligned, duplicate pairs and rows of
+norms 1e-8 .. 1e8, scales 1 .. 100, under the interpreter with the GPU's bfloat16 arithmetic) found it
+within the 2x-reference rule in every case; the alternatives, selectable: "bf16x2" splits ``a`` into
+bfloat16 ``hi + lo`` (about 16 bits, two products per GEMM, 6 in all: within the rule), "bf16"
+rounds ``a`` once to bfloat16 (8 bits: up to 2.5x (dx) and 4.1x (dt) the reference's error where a
+few large terms of ``H`` carry the gradient, duplicate rows or aligned pairs at large scales, whose
+2**-9 rounding errors do not average out; dx fails in some cases and dt in others, so five products,
+one GEMM split, fail too).
 float16 inputs: ``a`` is split into TF32 ``hi + lo`` (bit mask) against float16 converted to
-float32 (exact in TF32), because float16's exponent range would flush small ``a`` (TF32 runs at
-half the float16 rate: the float16 backward products cost twice the bfloat16 ones). float32
+float32 (exact in TF32), because float16's exponent range would flush small ``a`` unscaled (TF32 runs
+at half the float16 rate: a float16 gradient GEMM costs four times a bfloat16 one; the scaled
+one-product mode would fit them too, but is not measured against their reference). float32
 inputs: IEEE float32 products (``_launch.F32_DOT = "ieee"``, CUDA cores: about the speed of the reference's
 float32 matmuls, with O(N) memory); ``"tf32x3"`` is faster and close to, but not provably within
 2x of, float32 (unverified). Accumulation is float32 everywhere. float64 inputs run the reference backend
