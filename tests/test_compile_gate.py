@@ -3,8 +3,9 @@ fit shared memory, in the configs the package launches.
 
 CI runs the representative subset of ``sea_kernels.triton.aot.cases()`` (every kernel, bf16 and fp32,
 each labels config at its largest ``K_PAD`` and the float32 one at ``K_PAD`` 4, the fixed configs and
-the first tuned one of each list; 45 compiles, about 5.5 minutes from a cold Triton cache on 2 cores
-shared with other jobs (load average above 8), 20-35 s from a warm one). The full matrix (every
+the first tuned one of each list, the bf16 gradient GEMM's fixed config in each of its modes; 49
+compiles (45 before those modes: about 5.5 minutes from a cold Triton cache on 2 cores shared with
+other jobs, load average above 8, 20-35 s from a warm one). The full matrix (every
 config, dtype, ``K_PAD`` and window) is ``python -m sea_kernels.triton.aot --full`` or
 ``benchmarks/compile_report.py``.
 The kernels are compiled in subprocesses without ``TRITON_INTERPRET`` (interpreted kernels cannot
