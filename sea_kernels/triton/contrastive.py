@@ -463,7 +463,9 @@ def _normalize_bwd_kernel(
 # Each kernel: Hopper candidates for 16-bit inputs (tensor cores) and for float32 inputs (IEEE
 # products on CUDA cores want smaller tiles), pruned by the input dtype (and ``archs``, see
 # ``_launch.config``) before tuning. tests/test_compile_gate.py compiles them for sm_80 and sm_90:
-# within shared memory and without register spills (scripts: sea_kernels/triton/aot.py).
+# within shared memory and without register spills (scripts: sea_kernels/triton/aot.py). The full
+# matrix (``python -m sea_kernels.triton.aot --full``) set these lists: the GEMM's float32 ``a`` tile
+# goes through registers, so 256-wide tiles, ``BK`` 64 and, on sm_80, anything past 128 x 64 spill.
 
 
 _FWD = _kernel(_fwd_body, ["row0", "row_end", "N", "D", "stride_x", "stride_t", "n_splits", "TUNE_KEY"])
@@ -472,7 +474,7 @@ _FWD_TUNED = tuner(
     ["TUNE_KEY", "D"],
     [
         dict(BN=128, BK=64, warps=8, stages=3, archs=(90,)),
-        dict(BN=64, BK=64, warps=4, stages=3),
+        dict(BN=64, BK=64, warps=4, stages=3, archs=(90,)),
         dict(BN=128, BK=32, warps=8, stages=4, archs=(90,)),
         dict(BN=64, BK=32, warps=4, stages=2),
     ],
@@ -515,10 +517,9 @@ _GEMM_TUNED = tuner(
     ["TUNE_KEY", "NO"],
     [
         dict(BM=128, BN=128, BK=32, GROUP_M=8, warps=8, stages=3, archs=(90,)),
-        dict(BM=128, BN=256, BK=32, GROUP_M=8, warps=8, stages=3, archs=(90,)),
-        dict(BM=64, BN=256, BK=32, GROUP_M=8, warps=4, stages=4, archs=(90,)),
-        dict(BM=128, BN=128, BK=64, GROUP_M=8, warps=8, stages=3, archs=(90,)),
-        dict(BM=64, BN=128, BK=64, GROUP_M=8, warps=4, stages=4),
+        dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=4, stages=3, archs=(90,)),
+        dict(BM=64, BN=128, BK=32, GROUP_M=8, warps=4, stages=3, archs=(90,)),
+        dict(BM=128, BN=64, BK=32, GROUP_M=8, warps=8, stages=3),
     ],
     [
         dict(BM=64, BN=64, BK=16, GROUP_M=8, warps=4, stages=2),
