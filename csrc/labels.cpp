@@ -964,6 +964,36 @@ void check_uniforms(const at::Tensor& u, int64_t B, int64_t nw) {
               "patch_labels: uniforms must be (B, n_windows, 2)");
 }
 
+// Steps 2-4 of the contract into `out`. The sorted top scores of patch p of image b are row
+// slot[b * P + p] of values (rows x n; slot null: row b * P + p); the patch is eligible when
+// settled[b * P + p] (null: never settled) or its top-1 > 0.
+void sample_rows(const uint8_t* settled, const int64_t* slot, const at::Tensor& values, const at::Tensor& indices,
+                 int64_t H, int64_t W, int64_t window, const float* u, WindowLabels& out) {
+  const int64_t P = H * W, nw = out.patch.size(1), n = values.size(1);
+  const float* v = values.data_ptr<float>();
+  const int64_t* ix = indices.data_ptr<int64_t>();
+  at::parallel_for(0, out.patch.numel(), 4096, [&](int64_t begin, int64_t end) {  // ~0.1 us per window
+    std::vector<int64_t> members(static_cast<size_t>(window * window));
+    std::vector<float> cdf(static_cast<size_t>(n));
+    auto row = [&](int64_t bp) { return slot != nullptr ? slot[bp] : bp; };
+    for (int64_t bw = begin; bw < end; ++bw) {
+      const int64_t base = (bw / nw) * P, size = window_members(bw % nw, H, W, window, members.data());
+      int64_t count = 0;
+      for (int64_t t = 0; t < size; ++t) {
+        const int64_t bp = base + members[t];
+        if ((settled != nullptr && settled[bp]) || v[row(bp) * n] > 0.0f) members[count++] = members[t];
+      }
+      if (count == 0) {
+        out.set(bw, -1, nullptr, nullptr, 0);
+        continue;
+      }
+      const int64_t p = members[window_rank(u[bw * 2], count)], r = row(base + p);
+      TORCH_CHECK(r >= 0, "patch_labels: internal error (the chosen patch was not scored)");
+      out.set(bw, p, v + r * n, ix + r * n, sample_candidate(v + r * n, n, u[bw * 2 + 1], cdf.data()));
+    }
+  });
+}
+
 // Steps 2-4 of the contract from sorted top scores values (B, P, n) f32 and indices (B, P, n).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_windows(const at::Tensor& values_in,
                                                                           const at::Tensor& indices_in, int64_t H,
@@ -973,30 +1003,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_windows(const 
   at::Tensor indices = indices_in.to(at::kLong).contiguous();
   at::Tensor uniforms = uniforms_in.to(at::kFloat).contiguous();
   TORCH_CHECK(values.dim() == 3 && values.size(1) == H * W, "sample_windows: values must be (B, H*W, n)");
-  const int64_t B = values.size(0), P = values.size(1), n = values.size(2);
+  const int64_t B = values.size(0), n = values.size(2);
   const int64_t nw = ((H + window - 1) / window) * ((W + window - 1) / window);
   check_uniforms(uniforms, B, nw);
   WindowLabels out(B, nw, values.options());
-  const float* v = values.data_ptr<float>();
-  const int64_t* ix = indices.data_ptr<int64_t>();
-  const float* u = uniforms.data_ptr<float>();
-
-  at::parallel_for(0, B * nw, 4096, [&](int64_t begin, int64_t end) {  // ~0.1 us per window
-    std::vector<int64_t> members(static_cast<size_t>(window * window));
-    std::vector<float> cdf(static_cast<size_t>(n));
-    for (int64_t bw = begin; bw < end; ++bw) {
-      const int64_t b = bw / nw, size = window_members(bw % nw, H, W, window, members.data());
-      int64_t count = 0;
-      for (int64_t t = 0; t < size; ++t)
-        if (v[(b * P + members[t]) * n] > 0.0f) members[count++] = members[t];
-      if (count == 0) {
-        out.set(bw, -1, nullptr, nullptr, 0);
-        continue;
-      }
-      const int64_t p = members[window_rank(u[bw * 2], count)], row = b * P + p;
-      out.set(bw, p, v + row * n, ix + row * n, sample_candidate(v + row * n, n, u[bw * 2 + 1], cdf.data()));
-    }
-  });
+  sample_rows(nullptr, nullptr, values.view({-1, n}), indices.view({-1, n}), H, W, window, uniforms.data_ptr<float>(),
+              out);
   return out.tuple();
 }
 
@@ -1057,32 +1069,6 @@ std::vector<int64_t> rows_to_score(const std::vector<uint8_t>& settled, int64_t 
   return slot;
 }
 
-// Steps 2-4 of the contract from the settled patches and the top scores of the rows slot[] points to.
-void sample_scored(const std::vector<uint8_t>& settled, const std::vector<int64_t>& slot, const at::Tensor& values,
-                   const at::Tensor& indices, int64_t B, int64_t H, int64_t W, int64_t window, const float* u,
-                   WindowLabels& out) {
-  const int64_t P = H * W, nw = out.patch.size(1), n = values.size(1);
-  const float* v = values.data_ptr<float>();
-  const int64_t* ix = indices.data_ptr<int64_t>();
-  std::vector<int64_t> members(static_cast<size_t>(window * window));
-  std::vector<float> cdf(static_cast<size_t>(n));
-  for (int64_t bw = 0; bw < B * nw; ++bw) {
-    const int64_t base = (bw / nw) * P, size = window_members(bw % nw, H, W, window, members.data());
-    int64_t count = 0;
-    for (int64_t t = 0; t < size; ++t) {
-      const int64_t bp = base + members[t];
-      if (settled[bp] || v[slot[bp] * n] > 0.0f) members[count++] = members[t];
-    }
-    if (count == 0) {
-      out.set(bw, -1, nullptr, nullptr, 0);
-      continue;
-    }
-    const int64_t p = members[window_rank(u[bw * 2], count)], row = slot[base + p];
-    TORCH_CHECK(row >= 0, "patch_labels: internal error (the chosen patch was not scored)");
-    out.set(bw, p, v + row * n, ix + row * n, sample_candidate(v + row * n, n, u[bw * 2 + 1], cdf.data()));
-  }
-}
-
 // (patch, label, score, valid, scored): the contract's labels and the (B, P) mask of the patches whose
 // exact top-k was computed. float32: eligibility first (positive_in_first_block), then the exact top-k
 // of the chosen patches only (and of every patch of a window with an unsettled one). Should a vocabulary
@@ -1125,7 +1111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_lab
   if (!regular) return score_all();
 
   WindowLabels out(B, nw, pn.options());
-  sample_scored(settled, slot, std::get<0>(tk), std::get<1>(tk), B, H, W, window, u, out);
+  sample_rows(settled.data(), slot.data(), std::get<0>(tk), std::get<1>(tk), H, W, window, u, out);
   at::Tensor scored = at::zeros({B * P}, pn.options().dtype(at::kBool));
   scored.index_fill_(0, idx, true);
   return std::tuple_cat(out.tuple(), std::make_tuple(scored.view({B, P})));
