@@ -27,9 +27,20 @@
 //
 // Ties: among equal scores the smaller vocabulary index wins (a total order, NaN first as in torch.topk).
 //
-// patch_labels: cosine_topk with k = top_n, then the sampling epilogue of the contract
-// (sea_kernels.labels.sample_windows), replicating its float32 arithmetic (cumsum accumulates in
-// double and rounds each prefix to float32, as torch's CPU cumsum does).
+// patch_labels (float32): only one patch per window needs its top-k. First every patch's eligibility
+// (top-1 > 0): it is scored exactly (dot_f32 x c_j) against the first 64 words and settled eligible at
+// the first positive score. Windows whose patches are all settled pick their patch from u0 right away
+// (the contract's rank among the eligible ones); the others are decided by the exact top-k of all their
+// patches. So the exact top-k (the prefilter machinery above, k = top_n) runs on the chosen patches plus
+// the patches of unsettled windows: B x n_windows rows in the usual case, every row (as before, plus the
+// first block) when nothing is positive early. A positive score settles a patch only while no score can
+// be NaN (NaN outranks it in the top-k): regular patch rows are checked up front, and should the top-k
+// pass meet an irregular word (Inf/NaN/huge), every patch is scored instead. The result is identical to
+// cosine_topk of every patch + sample_windows. Then the sampling epilogue of the contract
+// (sea_kernels.labels.sample_windows), replicating its float32 arithmetic (cumsum accumulates in double
+// and rounds each prefix to float32, as torch's CPU cumsum does). Extra memory: a copy of the scored
+// rows of the normalized patches and per patch a flag and a row index. float64: every patch is scored
+// (the tiled float64 top-k), then the same epilogue.
 
 #include <torch/extension.h>
 
@@ -504,6 +515,7 @@ struct Problem {
   int64_t k;
   int64_t d;
   std::atomic<float>* row_L;  // per row, the largest L of any vocabulary split (a lower bound for all)
+  std::atomic<bool>* irregular;  // set when a vocabulary tile holds a word with Inf/NaN/huge values
 };
 
 inline float share_L(std::atomic<float>& shared, float L) {  // max(shared, L), stored and returned
@@ -699,6 +711,7 @@ void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, 
     const int64_t n = std::min(T, j_end - j0);
     const float* y = pb.vocab.tile(j0, n, tb.ybuf);
     const TileStats ts = tile_stats(mode, y, n, d, negate ? -1.0f : 1.0f, tb);
+    if (!ts.regular) pb.irregular->store(true, std::memory_order_relaxed);
     const bool exact = mode == kExact || !ts.regular;
     for (int64_t s0 = 0; s0 < mb; s0 += plan.sub_rows) {
       const int64_t sb = std::min(plan.sub_rows, mb - s0);
@@ -751,9 +764,11 @@ void finish_row32(RowState* states, int64_t n_splits, int64_t M, int64_t r, cons
 }
 
 // (values, indices, rescored): the exact float32 top-k of normalized patches pn, and per row the number
-// of words scored exactly.
+// of words scored exactly. *vocab_regular (when given): whether every vocabulary word was regular (finite,
+// norm <= 1e30), so that no score of a regular row can be NaN or infinite (true when M == 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, const at::Tensor& vocab, int64_t k,
-                                                        bool negate, int64_t tile, int64_t row_block, int64_t mode) {
+                                                        bool negate, int64_t tile, int64_t row_block, int64_t mode,
+                                                        bool* vocab_regular = nullptr) {
   const int64_t M = pn.size(0), d = pn.size(1), q = vocab.size(0);
   TORCH_CHECK(q < std::numeric_limits<int32_t>::max(), "cosine_topk: vocabulary too large");
   TORCH_CHECK(mode >= kExact && mode <= kInt8, "cosine_topk: prefilter must be 0, 1, 2 or 3");
@@ -762,13 +777,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
   at::Tensor values = at::empty({M, k}, opts.dtype(at::kFloat));
   at::Tensor indices = at::empty({M, k}, opts.dtype(at::kLong));
   at::Tensor rescored = at::zeros({M}, opts.dtype(at::kLong));
+  if (vocab_regular != nullptr) *vocab_regular = true;
   if (M == 0) return {values, indices, rescored};
 
   const bool direct = vocab.scalar_type() == at::kFloat && vocab.is_contiguous();
   std::vector<std::atomic<float>> row_L(static_cast<size_t>(M));
   for (auto& L : row_L) L.store(-std::numeric_limits<float>::infinity());
+  std::atomic<bool> irregular{false};
   const Problem pb{pn.data_ptr<float>(), VocabRows{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d}, k, d,
-                   row_L.data()};
+                   row_L.data(), &irregular};
   // A small call (under ~1 ms of work, automatic tiling) runs in the calling thread: no thread-pool wake-ups.
   const bool small = tile <= 0 && row_block <= 0 && static_cast<double>(M) * q * d < 4e6;
   // Row blocks of up to 4096 rows: each block converts the vocabulary once.
@@ -827,6 +844,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     for (int64_t r = begin; r < end; ++r)
       finish_row32(states.data(), plan.n_vocab_splits, M, r, pb, sc, all, out_v + r * k, out_i + r * k, out_n + r);
   });
+  if (vocab_regular != nullptr) *vocab_regular = !irregular.load();
   return {values, indices, rescored};
 }
 
@@ -883,6 +901,99 @@ at::Tensor exact_scores(const at::Tensor& patches, const at::Tensor& vocab, bool
   return scores_f32(normalize_rows(patches), vocab, negate);
 }
 
+// ============================================================================ window sampling
+
+// The patches of window w (row-major, inside the grid) into `out`; returns how many there are.
+int64_t window_members(int64_t w, int64_t H, int64_t W, int64_t window, int64_t* out) {
+  const int64_t nwx = (W + window - 1) / window, wy = w / nwx, wx = w % nwx;
+  int64_t n = 0;
+  for (int64_t y = wy * window; y < std::min(H, (wy + 1) * window); ++y)
+    for (int64_t x = wx * window; x < std::min(W, (wx + 1) * window); ++x) out[n++] = y * W + x;
+  return n;
+}
+
+// The chosen patch's rank among the window's `count` eligible ones: min(floor(u0 * count), count - 1),
+// the product in float32 as (uniforms[..., 0] * count).floor() in the reference.
+inline int64_t window_rank(float u0, int64_t count) {
+  const float prod = u0 * static_cast<float>(count);
+  return std::min(static_cast<int64_t>(std::floor(prod)), count - 1);
+}
+
+// The sampled position among a patch's sorted top scores s[0..n) (s[0] > 0): the first candidate (a
+// prefix of positive scores) whose normalized cumulative score exceeds u1, else the last. cumsum
+// accumulates in double and rounds each prefix to float32, as torch's CPU cumsum; cdf: n floats.
+int64_t sample_candidate(const float* s, int64_t n, float u1, float* cdf) {
+  int64_t m = 0;
+  while (m < n && s[m] > 0.0f) ++m;
+  TORCH_CHECK(m > 0, "patch_labels: internal error (a chosen patch without candidates)");
+  double acc = 0.0;
+  for (int64_t j = 0; j < m; ++j) {
+    acc += static_cast<double>(s[j]);
+    cdf[j] = static_cast<float>(acc);
+  }
+  const float total = cdf[m - 1];
+  for (int64_t j = 0; j < m; ++j)
+    if (u1 < cdf[j] / total) return j;
+  return m - 1;
+}
+
+// The four (B, n_windows) outputs of patch_labels.
+struct WindowLabels {
+  at::Tensor patch, label, score, valid;
+
+  WindowLabels(int64_t B, int64_t nw, const at::TensorOptions& opts)
+      : patch(at::empty({B, nw}, opts.dtype(at::kLong))),
+        label(at::empty({B, nw}, opts.dtype(at::kLong))),
+        score(at::empty({B, nw}, opts.dtype(at::kFloat))),
+        valid(at::empty({B, nw}, opts.dtype(at::kBool))) {}
+
+  // Window bw (b * n_windows + w): patch p with the candidate `pick` of its top scores s and words ix,
+  // or invalid when p < 0.
+  void set(int64_t bw, int64_t p, const float* s, const int64_t* ix, int64_t pick) {
+    patch.data_ptr<int64_t>()[bw] = p < 0 ? -1 : p;
+    label.data_ptr<int64_t>()[bw] = p < 0 ? -1 : ix[pick];
+    score.data_ptr<float>()[bw] = p < 0 ? 0.0f : s[pick];
+    valid.data_ptr<bool>()[bw] = p >= 0;
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const { return {patch, label, score, valid}; }
+};
+
+void check_uniforms(const at::Tensor& u, int64_t B, int64_t nw) {
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == B && u.size(1) == nw && u.size(2) == 2,
+              "patch_labels: uniforms must be (B, n_windows, 2)");
+}
+
+// Steps 2-4 of the contract into `out`. The sorted top scores of patch p of image b are row
+// slot[b * P + p] of values (rows x n; slot null: row b * P + p); the patch is eligible when
+// settled[b * P + p] (null: never settled) or its top-1 > 0.
+void sample_rows(const uint8_t* settled, const int64_t* slot, const at::Tensor& values, const at::Tensor& indices,
+                 int64_t H, int64_t W, int64_t window, const float* u, WindowLabels& out) {
+  const int64_t P = H * W, nw = out.patch.size(1), n = values.size(1);
+  const float* v = values.data_ptr<float>();
+  const int64_t* ix = indices.data_ptr<int64_t>();
+  at::parallel_for(0, out.patch.numel(), 4096, [&](int64_t begin, int64_t end) {  // ~0.1 us per window
+    std::vector<int64_t> members(static_cast<size_t>(window * window));
+    std::vector<float> cdf(static_cast<size_t>(n));
+    auto row = [&](int64_t bp) { return slot != nullptr ? slot[bp] : bp; };
+    for (int64_t bw = begin; bw < end; ++bw) {
+      const int64_t base = (bw / nw) * P, size = window_members(bw % nw, H, W, window, members.data());
+      int64_t count = 0;
+      for (int64_t t = 0; t < size; ++t) {
+        const int64_t bp = base + members[t];
+        if ((settled != nullptr && settled[bp]) || v[row(bp) * n] > 0.0f) members[count++] = members[t];
+      }
+      if (count == 0) {
+        out.set(bw, -1, nullptr, nullptr, 0);
+        continue;
+      }
+      const int64_t p = members[window_rank(u[bw * 2], count)], r = row(base + p);
+      TORCH_CHECK(r >= 0, "patch_labels: internal error (the chosen patch was not scored)");
+      out.set(bw, p, v + r * n, ix + r * n, sample_candidate(v + r * n, n, u[bw * 2 + 1], cdf.data()));
+    }
+  });
+}
+
 // Steps 2-4 of the contract from sorted top scores values (B, P, n) f32 and indices (B, P, n).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_windows(const at::Tensor& values_in,
                                                                           const at::Tensor& indices_in, int64_t H,
@@ -892,86 +1003,118 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_windows(const 
   at::Tensor indices = indices_in.to(at::kLong).contiguous();
   at::Tensor uniforms = uniforms_in.to(at::kFloat).contiguous();
   TORCH_CHECK(values.dim() == 3 && values.size(1) == H * W, "sample_windows: values must be (B, H*W, n)");
-  const int64_t B = values.size(0), P = values.size(1), n = values.size(2);
-  const int64_t nwy = (H + window - 1) / window, nwx = (W + window - 1) / window, nw = nwy * nwx;
-  TORCH_CHECK(uniforms.dim() == 3 && uniforms.size(0) == B && uniforms.size(1) == nw && uniforms.size(2) == 2,
-              "sample_windows: uniforms must be (B, n_windows, 2)");
-  const auto opts = values.options();
-  at::Tensor patch = at::empty({B, nw}, opts.dtype(at::kLong));
-  at::Tensor label = at::empty({B, nw}, opts.dtype(at::kLong));
-  at::Tensor score = at::empty({B, nw}, opts.dtype(at::kFloat));
-  at::Tensor valid = at::empty({B, nw}, opts.dtype(at::kBool));
-  const float* v = values.data_ptr<float>();
-  const int64_t* ix = indices.data_ptr<int64_t>();
-  const float* u = uniforms.data_ptr<float>();
-  int64_t* o_patch = patch.data_ptr<int64_t>();
-  int64_t* o_label = label.data_ptr<int64_t>();
-  float* o_score = score.data_ptr<float>();
-  bool* o_valid = valid.data_ptr<bool>();
+  const int64_t B = values.size(0), n = values.size(2);
+  const int64_t nw = ((H + window - 1) / window) * ((W + window - 1) / window);
+  check_uniforms(uniforms, B, nw);
+  WindowLabels out(B, nw, values.options());
+  sample_rows(nullptr, nullptr, values.view({-1, n}), indices.view({-1, n}), H, W, window, uniforms.data_ptr<float>(),
+              out);
+  return out.tuple();
+}
 
-  at::parallel_for(0, B * nw, 4096, [&](int64_t begin, int64_t end) {  // ~0.1 us per window
-    std::vector<int64_t> eligible(static_cast<size_t>(window * window));
-    std::vector<float> cdf(static_cast<size_t>(n));
-    for (int64_t bw = begin; bw < end; ++bw) {
-      const int64_t b = bw / nw, w = bw % nw, wy = w / nwx, wx = w % nwx;
-      int64_t count = 0;
-      for (int64_t oy = 0; oy < window; ++oy) {
-        const int64_t y = wy * window + oy;
-        if (y >= H) break;
-        for (int64_t ox = 0; ox < window; ++ox) {
-          const int64_t x = wx * window + ox;
-          if (x >= W) break;
-          const int64_t p = y * W + x;
-          if (v[(b * P + p) * n] > 0.0f) eligible[count++] = p;
-        }
-      }
-      if (count == 0) {
-        o_patch[bw] = -1;
-        o_label[bw] = -1;
-        o_score[bw] = 0.0f;
-        o_valid[bw] = false;
-        continue;
-      }
-      // float32 product, as (uniforms[..., 0] * count).floor() in the reference
-      const float prod = u[bw * 2] * static_cast<float>(count);
-      const int64_t rank = std::min(static_cast<int64_t>(std::floor(prod)), count - 1);
-      const int64_t p = eligible[rank];
-      const float* s = v + (b * P + p) * n;
-      int64_t m = 0;
-      while (m < n && s[m] > 0.0f) ++m;  // candidates: a prefix of the sorted scores
-      double acc = 0.0;
-      for (int64_t j = 0; j < m; ++j) {
-        acc += static_cast<double>(s[j]);
-        cdf[j] = static_cast<float>(acc);
-      }
-      const float total = cdf[m - 1];
-      const float u1 = u[bw * 2 + 1];
-      int64_t pick = m - 1;
-      for (int64_t j = 0; j < m; ++j) {
-        if (u1 < cdf[j] / total) {
-          pick = j;
+// ============================================================================ patch_labels
+
+constexpr int64_t kFirstBlock = 64;  // words scored exactly, per patch, to settle its eligibility cheaply
+
+// Per row of pn (M x d, float32): 1 when the row is regular and one of the first n words has a positive
+// float32 score (dot_f32 x c_j, the arithmetic of topk_f32). When every word is regular no score of a
+// regular row is NaN, so such a row's top-1 is > 0: the patch is eligible. 0: not settled.
+std::vector<uint8_t> positive_in_first_block(const float* pn, int64_t M, int64_t d, const VocabRows& vocab, int64_t n,
+                                             bool negate) {
+  at::Tensor buf = at::empty({n, d}, at::TensorOptions().dtype(at::kFloat));
+  const float* y = vocab.tile(0, n, buf);
+  std::vector<float> c(static_cast<size_t>(n));
+  std::vector<uint8_t> word_ok(static_cast<size_t>(n)), out(static_cast<size_t>(M), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const VecStats st = vec_stats(y + j * d, d, negate ? -1.0f : 1.0f, nullptr);
+    c[j] = st.c;
+    word_ok[j] = st.regular;
+  }
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = pn + r * d;
+      if (!vec_stats(x, d, 1.0f, nullptr).regular) continue;
+      for (int64_t j = 0; j < n; ++j) {
+        if (word_ok[j] && dot_f32(x, y + j * d, d) * c[j] > 0.0f) {
+          out[r] = 1;
           break;
         }
       }
-      o_patch[bw] = p;
-      o_label[bw] = ix[(b * P + p) * n + pick];
-      o_score[bw] = s[pick];
-      o_valid[bw] = true;
     }
   });
-  return {patch, label, score, valid};
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_labels(const at::Tensor& patches,
-                                                                        const at::Tensor& vocab, int64_t H, int64_t W,
-                                                                        int64_t top_n, int64_t window, bool negate,
-                                                                        const at::Tensor& uniforms, int64_t tile,
-                                                                        int64_t row_block, int64_t prefilter) {
+// Per (image, patch) the row of the exact top-k that holds its scores, or -1: in a window whose patches
+// are all settled eligible only the one the contract picks (known before any top-k), in any other
+// window every patch (its top-1 decides its eligibility).
+std::vector<int64_t> rows_to_score(const std::vector<uint8_t>& settled, int64_t B, int64_t H, int64_t W,
+                                   int64_t window, const float* u, std::vector<int64_t>& rows) {
+  const int64_t P = H * W, nw = ((H + window - 1) / window) * ((W + window - 1) / window);
+  std::vector<int64_t> slot(static_cast<size_t>(B * P), -1), members(static_cast<size_t>(window * window));
+  auto add = [&](int64_t bp) {
+    slot[bp] = static_cast<int64_t>(rows.size());
+    rows.push_back(bp);
+  };
+  for (int64_t bw = 0; bw < B * nw; ++bw) {
+    const int64_t base = (bw / nw) * P, size = window_members(bw % nw, H, W, window, members.data());
+    bool all = true;
+    for (int64_t t = 0; t < size; ++t) all = all && settled[base + members[t]];
+    if (all) {
+      add(base + members[window_rank(u[bw * 2], size)]);
+    } else {
+      for (int64_t t = 0; t < size; ++t) add(base + members[t]);
+    }
+  }
+  return slot;
+}
+
+// (patch, label, score, valid, scored): the contract's labels and the (B, P) mask of the patches whose
+// exact top-k was computed. float32: eligibility first (positive_in_first_block), then the exact top-k
+// of the chosen patches only (and of every patch of a window with an unsettled one). Should a vocabulary
+// word be irregular (NaN scores can outrank a positive one), or for float64, every patch is scored.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_labels(
+    const at::Tensor& patches, const at::Tensor& vocab, int64_t H, int64_t W, int64_t top_n, int64_t window,
+    bool negate, const at::Tensor& uniforms_in, int64_t tile, int64_t row_block, int64_t prefilter) {
   TORCH_CHECK(patches.dim() == 3 && patches.size(1) == H * W, "patch_labels: patches must be (B, H*W, d)");
-  const int64_t B = patches.size(0), P = patches.size(1);
-  auto tk = cosine_topk(patches.reshape({B * P, patches.size(2)}), vocab, top_n, negate, tile, row_block, prefilter);
-  return sample_windows(std::get<0>(tk).view({B, P, top_n}), std::get<1>(tk).view({B, P, top_n}), H, W, window,
-                        uniforms);
+  TORCH_CHECK(window >= 1, "patch_labels: window must be >= 1");
+  const int64_t B = patches.size(0), P = patches.size(1), d = patches.size(2), q = vocab.size(0);
+  at::Tensor flat = patches.reshape({B * P, d});
+  check_topk_args(flat, vocab, top_n);
+  at::NoGradGuard no_grad;
+  at::Tensor pn = normalize_rows(flat);
+  at::Tensor uniforms = uniforms_in.to(at::kFloat).contiguous();
+  const int64_t nw = ((H + window - 1) / window) * ((W + window - 1) / window);
+  check_uniforms(uniforms, B, nw);
+  auto score_all = [&]() {
+    at::Tensor v, ix;
+    if (pn.scalar_type() == at::kDouble)
+      std::tie(v, ix) = topk_kernel<double>(pn, vocab, top_n, negate, tile, row_block);
+    else
+      std::tie(v, ix, std::ignore) = topk_f32(pn, vocab, top_n, negate, tile, row_block, prefilter);
+    auto out = sample_windows(v.view({B, P, top_n}), ix.view({B, P, top_n}), H, W, window, uniforms);
+    return std::tuple_cat(out, std::make_tuple(at::ones({B, P}, pn.options().dtype(at::kBool))));
+  };
+  if (pn.scalar_type() == at::kDouble) return score_all();
+
+  const bool direct = vocab.scalar_type() == at::kFloat && vocab.is_contiguous();
+  const VocabRows words{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d};
+  const std::vector<uint8_t> settled =
+      positive_in_first_block(pn.data_ptr<float>(), B * P, d, words, std::min(q, kFirstBlock), negate);
+  const float* u = uniforms.data_ptr<float>();
+  std::vector<int64_t> rows;
+  const std::vector<int64_t> slot = rows_to_score(settled, B, H, W, window, u, rows);
+  const at::Tensor idx =
+      at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::TensorOptions().dtype(at::kLong));
+  bool regular = true;
+  auto tk = topk_f32(pn.index_select(0, idx), vocab, top_n, negate, tile, row_block, prefilter, &regular);
+  if (!regular) return score_all();
+
+  WindowLabels out(B, nw, pn.options());
+  sample_rows(settled.data(), slot.data(), std::get<0>(tk), std::get<1>(tk), H, W, window, u, out);
+  at::Tensor scored = at::zeros({B * P}, pn.options().dtype(at::kBool));
+  scored.index_fill_(0, idx, true);
+  return std::tuple_cat(out.tuple(), std::make_tuple(scored.view({B, P})));
 }
 
 }  // namespace
@@ -984,7 +1127,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("vocab"), py::arg("negate"));
   m.def("sample_windows", &sample_windows, "window label sampling from sorted top scores", py::arg("values"),
         py::arg("indices"), py::arg("H"), py::arg("W"), py::arg("window"), py::arg("uniforms"));
-  m.def("patch_labels", &patch_labels, "cosine top-k + window label sampling", py::arg("patches"), py::arg("vocab"),
-        py::arg("H"), py::arg("W"), py::arg("top_n"), py::arg("window"), py::arg("negate"), py::arg("uniforms"),
-        py::arg("tile") = 0, py::arg("row_block") = 0, py::arg("prefilter") = 2);
+  m.def("patch_labels", &patch_labels, "window labels: eligibility, then the top-k of the chosen patches only",
+        py::arg("patches"), py::arg("vocab"), py::arg("H"), py::arg("W"), py::arg("top_n"), py::arg("window"),
+        py::arg("negate"), py::arg("uniforms"), py::arg("tile") = 0, py::arg("row_block") = 0,
+        py::arg("prefilter") = 2);
 }

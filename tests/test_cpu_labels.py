@@ -373,6 +373,130 @@ def test_sampled_labels_equal_the_reference_on_exact_scores(prefilter, negate):
         assert torch.equal(a, b), name
 
 
+# ----------------------------------------------------------------------------- patch_labels: chosen patches only
+# The C++ patch_labels settles eligibility first (a positive exact score among the first 64 words) and
+# computes the exact top-k of the chosen patches only (and of every patch of a window with an unsettled
+# one). Its output must equal the cpu cosine_topk of every patch followed by the contract's sample_windows.
+
+FIRST_BLOCK = 64  # csrc/labels.cpp kFirstBlock
+
+
+def adversarial_labels_inputs(batch, grid, window, q, d, dtype, negate, seed):
+    """Patches of four kinds on near-duplicate vocabulary rows: ``live`` (random: eligible, settled by the
+    first words), ``late`` (every score of the first 64 words < 0, a few later ones > 0: eligible, not
+    settled), ``dead`` (every score < 0: the vocabulary lies in one half-space) and ``zero`` (every score
+    exactly 0: ineligible). Returns the inputs and each patch's kind ``(B, P)`` (0 live .. 3 zero)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = near_duplicates(q, d, seed=seed)
+    vocab[:, 0] = vocab[:, 0].abs() + 0.5  # every word in the half-space x_0 > 0
+    vocab[:, 1] = vocab[:, 1].abs() + 0.5  # ... and x_1 > 0, except a few late words
+    late_words = torch.arange(FIRST_BLOCK + 3, q, 41)
+    vocab[late_words, 1] = -vocab[late_words, 1] - 2.0
+    vocab[late_words[1::2]] = vocab[late_words[0]].clone()  # exact ties among the late patches' candidates
+    vocab[:, 2] = 0.0
+    sign = -1.0 if negate else 1.0
+    h, w = grid
+    kind = torch.multinomial(torch.tensor([0.4, 0.2, 0.2, 0.2]), batch * h * w, True, generator=g).view(batch, h * w)
+    patches = torch.randn(batch, h * w, d, generator=g)
+    noise = 1e-2 * torch.randn(batch, h * w, d, generator=g)
+    noise[..., 2] = 0.0
+    axis = torch.eye(d)
+    patches[kind == 1] = (-sign * axis[1] + noise)[kind == 1]  # < 0 on x_1 > 0, > 0 on the late words
+    patches[kind == 2] = (-sign * axis[0] + noise)[kind == 2]  # < 0 on every word
+    patches[kind == 3] = axis[2] * torch.rand(batch, h * w, 1, generator=g)[kind == 3]  # 0 on every word
+    u = torch.rand(batch, labels.num_windows(grid, window), 2, generator=g)
+    return patches.to(dtype), vocab.to(dtype), u, kind
+
+
+def all_patches_labels(patches, vocab, grid, top_n, window, negate, u, **kw):
+    """The cpu backend's top-k of every patch, then the contract's sample_windows."""
+    b, p, d = patches.shape
+    tk = cpu_labels.cosine_topk(patches.reshape(b * p, d), vocab, top_n, negate, use_cpp=True, **kw)
+    return labels.sample_windows(tk.values.view(b, p, top_n), tk.indices.view(b, p, top_n), grid, window, u)
+
+
+def assert_same_labels(got, want, what=""):
+    for a, b, name in zip(got, want, want._fields):
+        assert torch.equal(a, b), f"{what}: {name} differs"
+
+
+LABEL_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),  # mixed: the vocabulary converted per tile and per row
+    (torch.float64, torch.float64),  # float64 scores every patch (the tiled float64 top-k)
+]
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("dtypes", LABEL_DTYPES, ids=lambda t: f"{t[0]}-{t[1]}".replace("torch.", ""))
+def test_patch_labels_equal_the_top_k_of_every_patch(prefilter, negate, dtypes):
+    """Ineligible (negative and exactly 0), late-eligible and live patches, windows with 0-4 eligible
+    patches, partial edge windows, windows 1, 2 and 3, near-duplicate and tied words: identical outputs."""
+    _use_cpp("cpp")
+    for grid, window, top_n, tile in [((5, 7), 2, 10, 64), ((7, 8), 3, 4, None), ((4, 5), 1, 16, 96)]:
+        patches, vocab, u, kind = adversarial_labels_inputs(3, grid, window, 300, 40, dtypes[0], negate, seed=window)
+        vocab = vocab.to(dtypes[1])
+        kw = dict(tile=tile, prefilter=prefilter)
+        got = cpu_labels.patch_labels(patches, vocab, grid, top_n, window, negate, u, use_cpp=True, **kw)
+        want = all_patches_labels(patches, vocab, grid, top_n, window, negate, u, **kw)
+        assert_same_labels(got, want, f"grid {grid} window {window}")
+        if window == 2:  # the inputs hold windows with every number of eligible patches
+            slots = labels.window_patches(grid, window)
+            eligible = (kind <= 1)[:, slots.clamp(min=0)] & (slots >= 0)
+            assert set(eligible.sum(-1).flatten().tolist()) == {0, 1, 2, 3, 4}
+    assert want.valid.any() and not want.valid.all()
+
+
+def test_patch_labels_score_only_the_chosen_patches():
+    """Settled windows: only the chosen patch is scored; a window with an unsettled patch: all of its patches."""
+    _use_cpp("cpp")
+    grid, window = (6, 7), 2
+    slots = labels.window_patches(grid, window)
+    patches, vocab, u, kind = adversarial_labels_inputs(2, grid, window, 300, 40, torch.float32, True, seed=4)
+    scored = cpu_labels.scored_patches(patches, vocab, grid, 10, window, True, u)
+    got = cpu_labels.patch_labels(patches, vocab, grid, 10, window, True, u, use_cpp=True)
+    for i in range(2):
+        for wi in range(slots.shape[0]):
+            members = slots[wi][slots[wi] >= 0]
+            if (kind[i, members] == 0).all():
+                assert scored[i, members].sum() == 1 and scored[i, got.patch[i, wi]], (i, wi)
+            else:
+                assert scored[i, members].all(), (i, wi)
+    patches, vocab, u = labels_inputs(2, grid, 300, 40, torch.float32, False, seed=1)
+    patches = torch.randn(patches.shape, generator=torch.Generator().manual_seed(0))  # all live
+    scored = cpu_labels.scored_patches(patches, vocab, grid, 10, window, False, u)
+    got = cpu_labels.patch_labels(patches, vocab, grid, 10, window, False, u, use_cpp=True)
+    assert got.valid.all() and int(scored.sum()) == got.valid.numel()
+    assert scored.gather(1, got.patch).all()
+
+
+def test_patch_labels_with_nan_scores_and_threads():
+    """A huge word (finite, but its scores overflow to NaN, which outranks every positive score), a NaN
+    patch (validate=False): every patch is scored, as the all-patch path; 1 and 2 threads agree."""
+    _use_cpp("cpp")
+    grid, window = (5, 6), 2
+    patches, vocab, u, _ = adversarial_labels_inputs(2, grid, window, 300, 40, torch.float32, False, seed=6)
+    patches[1, 4] = float("nan")
+    huge = vocab.clone()
+    huge[200] = 3e38
+    threads = torch.get_num_threads()
+    try:
+        for v in (vocab, huge):
+            want = all_patches_labels(patches, v, grid, 10, window, False, u)
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                got = cpu_labels.patch_labels(patches, v, grid, 10, window, False, u, use_cpp=True)
+                assert_same_labels(got, want, f"{n_threads} threads")
+    finally:
+        torch.set_num_threads(threads)
+    top1 = cpu_labels.cosine_topk(patches.reshape(60, 40), huge, 1, False, use_cpp=True).values[:, 0]
+    assert top1.isnan().sum() > 1  # patches that a positive early score would have called eligible
+    assert cpu_labels.scored_patches(patches, huge, grid, 10, window, False, u).all()
+
+
 def test_unknown_prefilter_is_one_clear_error():
     patches, vocab = make_inputs(4, 30, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match="prefilter must be one of"):

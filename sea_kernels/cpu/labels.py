@@ -8,6 +8,14 @@ prefilter's error; only the words whose upper bound reaches a row's k-th best lo
 exactly. Every prefilter gives the same result, ties broken by the smaller index (``"exact"`` scores
 every pair exactly: the slow oracle). float64: a tiled float64 top-k.
 
+``patch_labels`` (float32) needs the top-k of one patch per window only: each patch's eligibility (a
+positive exact score) is settled first against the first 64 words; a window whose patches are all
+settled picks its patch from ``u0`` at once, and the exact top-k runs on those chosen patches plus every
+patch of the other windows (whose top-1 decides their eligibility): ``B x n_windows`` rows instead of
+``B x P`` in the usual case. Its result is identical to ``cosine_topk`` of every patch followed by the
+contract's ``sample_windows`` (:func:`scored_patches` tells which patches were scored). float64 and
+the fallback score every patch.
+
 No path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row keeps a
 bounded candidate buffer, so the extra memory does not grow with ``q``. When the extension cannot be
 built (``load_extension`` announces that once), the chunked PyTorch path below computes the same
@@ -96,13 +104,13 @@ def patch_labels(
     prefilter: str | None = None,
     use_cpp: bool | None = None,
 ) -> PatchLabels:
+    """``PatchLabels``, each ``(B, n_windows)``: the C++ path scores only the chosen patches (see above)."""
     ext = choose_extension("labels", use_cpp)
     h, w = grid
     if ext is not None:
         code = _prefilter_code(prefilter)
-        return PatchLabels(
-            *ext.patch_labels(patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0, code)
-        )
+        out = ext.patch_labels(patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0, code)
+        return PatchLabels(*out[:4])
     b, p, d = patches.shape
     values, indices = cosine_topk_chunked(
         patches.reshape(b * p, d), vocab, top_n, negate, tile=tile, row_block=row_block
@@ -116,6 +124,15 @@ def rescored_counts(
     """Per row, the number of words the C++ path scored exactly (the prefilter's survivors), int64 ``(M,)``."""
     ext = choose_extension("labels", True)
     return ext.cosine_topk(patches, vocab, k, negate, tile or 0, 0, _prefilter_code(prefilter))[2]
+
+
+def scored_patches(
+    patches, vocab, grid, top_n, window, negate, uniforms, *, prefilter: str | None = None, tile: int | None = None
+) -> torch.Tensor:
+    """The patches whose exact top-k the C++ ``patch_labels`` computed, bool ``(B, P)``."""
+    ext = choose_extension("labels", True)
+    code = _prefilter_code(prefilter)
+    return ext.patch_labels(patches, vocab, *grid, top_n, window, negate, uniforms, tile or 0, 0, code)[4]
 
 
 def exact_scores(patches: torch.Tensor, vocab: torch.Tensor, negate: bool) -> torch.Tensor:
