@@ -172,25 +172,29 @@ class SEAAlignmentLoss(nn.Module):
         return SEAAlignmentOutput(loss, keep.sum(), scale.detach(), labels, keep)
 
     def _local_loss(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale):
-        """Every window goes to the loss, weighted by ``keep``: fixed shapes, no host sync."""
-        b, nw = keep.shape
-        rows = torch.arange(b, device=keep.device)[:, None].expand(b, nw)
-        x = visual_tokens[rows, labels.patch.clamp(min=0)].reshape(b * nw, -1)
-        t = mean_embeddings(labels.label.clamp(min=0).reshape(-1), word_token_ids.to(x.device), embedding_weight)
-        dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
-        return masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
+        """The loss over this rank's kept pairs. ``reference`` backend and traced code: every window
+        goes to the loss, weighted by ``keep`` (fixed shapes, no host sync). Eager fused backends: the
+        kept pairs only, gathered once (their kernels take the kept rows; one sync on GPUs)."""
+        if self.backend == "reference" or torch.compiler.is_compiling():
+            b, nw = keep.shape
+            rows = torch.arange(b, device=keep.device)[:, None].expand(b, nw)
+            x = visual_tokens[rows, labels.patch.clamp(min=0)].reshape(b * nw, -1)
+            t = mean_embeddings(labels.label.clamp(min=0).reshape(-1), word_token_ids.to(x.device), embedding_weight)
+            dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
+            return masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
+        x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)
+        if x.shape[0] == 0:
+            return _connected_zero(x, t, scale)
+        return contrastive_loss(x, t, scale, backend=self.backend, validate=False)
 
     def _loss_over_ranks(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group):
         """The loss with negatives from every rank (eager: row counts differ between ranks)."""
-        rows, windows = keep.nonzero(as_tuple=True)
         pairs = sum(_distributed.gather_sizes(int(keep.sum()), group, keep.device))
         pair_count = torch.tensor(pairs, device=keep.device)
+        x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)
         if pairs == 0:
             # Zero connected to the graph: backward runs and gives zero gradients.
-            loss = visual_tokens.sum() * 0.0 + scale * 0.0
-            return SEAAlignmentOutput(loss.float(), pair_count, scale.detach(), labels, keep)
-        x = visual_tokens[rows, labels.patch[rows, windows]]
-        t = mean_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
+            return SEAAlignmentOutput(_connected_zero(x, t, scale), pair_count, scale.detach(), labels, keep)
         loss = contrastive_loss(x, t, scale, group=group, backend=self.backend, validate=False)
         return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
 
@@ -255,6 +259,20 @@ class SEAAlignmentLoss(nn.Module):
         keep = dedup_mask(gathered[0], gathered[1].bool(), gathered[2])
         start = sum(sizes[: torch.distributed.get_rank(group)])
         return keep[start : start + flat_label.shape[0]].view_as(labels.valid)
+
+
+def _kept_pairs(visual_tokens, labels: PatchLabels, keep, word_token_ids, embedding_weight):
+    """``(x, t)``: the visual token and the label embedding of every kept window, ``(n_kept, D)`` each."""
+    rows, windows = keep.nonzero(as_tuple=True)
+    x = visual_tokens[rows, labels.patch[rows, windows]]
+    t = mean_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
+    return x, t
+
+
+def _connected_zero(x, t, scale) -> torch.Tensor:
+    """A zero loss in the accumulation dtype, connected to ``x``, ``t`` and ``scale`` (zero gradients)."""
+    dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
+    return (x.sum() + t.sum()).to(dtype) * 0.0 + scale.to(dtype) * 0.0
 
 
 def _version_key(*tensors: torch.Tensor) -> tuple:

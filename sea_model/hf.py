@@ -156,7 +156,7 @@ class LlavaSEA(nn.Module):
             zero = self.loss_fn.log_scale * 0.0
             return SEAAlignmentOutput(zero, torch.zeros((), dtype=torch.long), scale.detach(), None, None)
         with torch.no_grad():
-            _, patches = self.head(last)
+            _, patches = self.head(last, pooled=False)
         visual = visual[:, self.skip_rows :]
         if visual.shape[1] != patches.shape[1]:
             raise ValueError(

@@ -144,13 +144,26 @@ def build_adapter(kind: str, in_dim: int, out_dim: int) -> nn.Module:
 
 @dataclass
 class SEAModelOutput:
+    """What :meth:`SEAModel.forward` returns; the tensors stay on the device (``pairs`` and
+    ``temperature`` read them, waiting for the device)."""
+
     loss: torch.Tensor  # L_gen + weight * L_align (L_gen alone when SEA is off)
     loss_gen: torch.Tensor
     loss_align: torch.Tensor | None  # None when SEA is off
-    pairs: int  # pairs that entered L_align (0 when SEA is off or no image)
-    temperature: float | None  # 1 / scale of SEA's contrastive loss
+    pair_count: torch.Tensor | None  # 0-d int64: pairs that entered L_align (None when SEA is off)
+    scale: torch.Tensor | None  # 0-d: 1 / tau of SEA's contrastive loss, detached (None when SEA is off)
     logits: torch.Tensor
     align: Any = None  # the SEAAlignmentOutput (labels, keep, ...) when computed
+
+    @property
+    def pairs(self) -> int:
+        """Pairs that entered ``L_align`` (0 when SEA is off or there was no image)."""
+        return 0 if self.pair_count is None else int(self.pair_count)
+
+    @property
+    def temperature(self) -> float | None:
+        """``tau = 1 / scale`` of SEA's contrastive loss (None when SEA is off)."""
+        return None if self.scale is None else float(1.0 / self.scale)
 
 
 class SEAModel(nn.Module):
@@ -276,7 +289,7 @@ class SEAModel(nn.Module):
         embeds = emb(input_ids.masked_fill(is_img, 0))  # <image> ids may lie beyond the table
         if images is None:
             return embeds, is_img, None, None
-        out = self.tower(images, joint_space=self.sea is not None)  # patch features only for SEA
+        out = self.tower(images, joint_space=self.sea is not None, pooled=False)  # patch features only for SEA
         param = next(self.adapter.parameters(), None)
         visual = self.adapter(out.hidden.to(param.dtype if param is not None else out.hidden.dtype))
         embeds = embeds.masked_scatter(is_img.unsqueeze(-1), visual.to(embeds.dtype))
@@ -313,11 +326,11 @@ class SEAModel(nn.Module):
         if visual is None and self.training:
             # Keep trainable adapter weights in the graph (DDP expects a gradient for every one).
             loss = loss + sum(p.sum() for p in self.adapter.parameters()) * 0.0
-        loss_align, pairs, temperature, align = None, 0, None, None
+        loss_align, pair_count, scale, align = None, None, None, None
         if self.sea is not None:
             if visual is None:
                 loss_align = self.sea.log_scale * 0.0
-                temperature = float(1.0 / self.sea.scale().detach())
+                pair_count, scale = torch.zeros((), dtype=torch.long, device=loss.device), self.sea.scale().detach()
             else:
                 align = self.sea(
                     visual,
@@ -329,9 +342,9 @@ class SEAModel(nn.Module):
                     generator=generator,
                     group=group,
                 )
-                loss_align, pairs, temperature = align.loss, align.pairs, float(1.0 / align.scale)
+                loss_align, pair_count, scale = align.loss, align.pair_count, align.scale
             loss = loss + self.sea_config.weight * loss_align.to(loss.dtype)
-        return SEAModelOutput(loss, loss_gen, loss_align, pairs, temperature, out.logits, align)
+        return SEAModelOutput(loss, loss_gen, loss_align, pair_count, scale, out.logits, align)
 
     # ----------------------------------------------------------------- generation
 

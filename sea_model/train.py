@@ -247,18 +247,21 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
     ranks: images that could not be read, replaced by other samples), ``skipped_examples`` (this
     rank's, up to three)."""
     device = next(iter(s.params)).device if s.params else torch.device("cpu")
-    # over ranks: loss, L_gen, tokens, skipped images; this rank's: L_align (already global), its pairs
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    align_n, pairs, tau, skipped, examples = 0, 0, None, 0, []
+    # over ranks: loss, L_gen, tokens, skipped images; this rank's: L_align (already global), its pairs;
+    # the pairs over ranks, tau (of the last micro-batch): all read once, after the last micro-batch
+    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    align_n, skipped, examples = 0, 0, []
     for micro in range(accum):
         batch = _to_device(next(batches), device)
         out = forward_backward_step(s, batch, accum=accum, last=micro == accum - 1)
         sums[:3] += torch.stack([out.loss.detach(), out.loss_gen.detach(), batch["attention_mask"].sum()]).double()
         if out.loss_align is not None:
             sums[4] += out.loss_align.detach().double()
-            align_n, pairs, tau = align_n + 1, pairs + out.pairs, out.temperature
+            sums[6] += out.pair_count
+            sums[7] = 1.0 / out.scale
+            align_n += 1
         if out.align is not None:
-            sums[5] += out.align.keep.sum()  # this rank's share of out.pairs
+            sums[5] += out.align.keep.sum()  # this rank's share of out.pair_count
         skipped, examples = skipped + batch.get("skipped", 0), examples + batch.get("skipped_examples", [])
     sums[3] += skipped
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip) if s.grad_clip > 0 else None
@@ -267,7 +270,8 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
     if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2)
         grad_norm = grad_norm.full_tensor()
     norm = grad_norm.detach().reshape(1).to(sums) if grad_norm is not None else sums.new_zeros(1)
-    loss, loss_gen, tokens, skipped, align_sum, local_pairs, norm = torch.cat([sums, norm]).tolist()  # one read
+    read = torch.cat([sums, norm]).tolist()  # one read
+    loss, loss_gen, tokens, skipped, align_sum, local_pairs, pairs, tau, norm = read
     lr = s.optimizer.param_groups[0]["lr"]
     finite = math.isfinite(loss) and math.isfinite(norm)  # the same on every rank (reduced values)
     if finite:  # else skipped: weights and optimizer state stay as they are
@@ -280,9 +284,9 @@ def train_step(s: StepState, batches: Iterator[dict], accum: int) -> dict:
         "loss": loss / n,
         "loss_gen": loss_gen / n,
         "loss_align": align_sum / align_n if align_n else None,
-        "pairs": pairs,
+        "pairs": int(pairs),
         "pairs_local": int(local_pairs),
-        "tau": tau,
+        "tau": tau if align_n else None,
         "lr": lr,
         "grad_norm": norm if grad_norm is not None else None,
         "tokens": tokens,

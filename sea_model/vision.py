@@ -403,28 +403,29 @@ def hf_vision_part(model: nn.Module) -> nn.Module:
 
 
 def hf_joint_features(
-    last_hidden_state: torch.Tensor, *, norm=None, proj=None, head=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    last_hidden_state: torch.Tensor, *, norm=None, proj=None, head=None, pooled: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(pooled, patches)`` joint-space features from a Hugging Face tower's ``last_hidden_state``.
 
     CLIP (``norm`` = ``post_layernorm``, ``proj`` = ``visual_projection``): every token through
     both; pooled is the CLS token's (exactly ``get_image_features``), patches the tokens after it.
     SigLIP (``head``: the attention-pool head; its ``last_hidden_state`` is already normed): pooled
     is the head on all tokens (``get_image_features``), patches the head on each token alone.
+    ``pooled=False``: None for pooled, and SigLIP's head is not run on all tokens.
     """
     if head is None:
         x = norm(last_hidden_state)
         if proj is not None:
             x = proj(x)
-        return x[:, 0], x[:, 1:]
+        return (x[:, 0] if pooled else None), x[:, 1:]
     B, T, C = last_hidden_state.shape
     patches = head(last_hidden_state.reshape(B * T, 1, C)).reshape(B, T, -1)
-    return head(last_hidden_state), patches
+    return (head(last_hidden_state) if pooled else None), patches
 
 
 class HFJointHead(nn.Module):
     """A Hugging Face CLIP/SigLIP model's joint-space head, copied out of it (frozen, small):
-    ``forward(last_hidden_state) -> (pooled, patch_features)`` as :func:`hf_joint_features`.
+    ``forward(last_hidden_state, *, pooled=True) -> (pooled, patch_features)`` as :func:`hf_joint_features`.
 
     Takes ``CLIPModel`` / ``CLIPVisionModelWithProjection`` (``post_layernorm`` +
     ``visual_projection``) or ``SiglipModel`` / ``SiglipVisionModel`` with its head.
@@ -453,9 +454,10 @@ class HFJointHead(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, last_hidden_state: torch.Tensor, *, pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         p = next(self.parameters())
-        return hf_joint_features(last_hidden_state.to(p.dtype), norm=self.norm, proj=self.proj, head=self.head)
+        x = last_hidden_state.to(p.dtype)
+        return hf_joint_features(x, norm=self.norm, proj=self.proj, head=self.head, pooled=pooled)
 
 
 class VisionTower(nn.Module):
@@ -519,7 +521,7 @@ class VisionTower(nn.Module):
         if self.has_joint_space:
             with torch.no_grad():
                 probe = torch.zeros(1, 3, *self.image_size, device=self._param().device, dtype=self._param().dtype)
-                self.feature_dim = int(self._pooled_and_patches(self._run(probe)[1])[0].shape[-1])
+                self.feature_dim = int(self._pooled_and_patches(self._run(probe)[1], False)[1].shape[-1])
         self.requires_grad_(False)
         self.eval()
 
@@ -642,31 +644,33 @@ class VisionTower(nn.Module):
             selected = [h[:, 1:] for h in selected]
         return torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0], out.last_hidden_state
 
-    def _pooled_and_patches(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pooled_and_patches(self, final: torch.Tensor, pooled: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The tower's head on the last layer's tokens: ``(pooled or None, patch features)``."""
         if self.kind == "hf":
             if self.family == "clip":
-                return hf_joint_features(final, norm=self.visual.post_layernorm, proj=self.visual_projection)
-            return hf_joint_features(final, head=self.visual.head)
+                return hf_joint_features(
+                    final, norm=self.visual.post_layernorm, proj=self.visual_projection, pooled=pooled
+                )
+            return hf_joint_features(final, head=self.visual.head, pooled=pooled)
+        v = self.visual
         if self.kind == "clip":
-            v = self.visual
-            if v.pool_type == "tok" and not v.final_ln_after_pool:
-                pooled = v.ln_post(final[:, 0])
-            else:
-                pooled, _ = v._pool(final)
+            pool = None
+            if pooled:
+                plain = v.pool_type == "tok" and not v.final_ln_after_pool
+                pool = v.ln_post(final[:, 0]) if plain else v._pool(final)[0]
             patches = v.ln_post(final[:, 1:])
             if v.proj is not None:
-                pooled, patches = pooled @ v.proj, patches @ v.proj
-            return pooled, patches
-        v = self.visual
-        pooled = v.head(v.trunk.forward_head(final))
+                pool, patches = (pool @ v.proj if pooled else None), patches @ v.proj
+            return pool, patches
         B, P, C = final.shape
         # The head on one-token sequences: for a MAP head, the value path of each token.
         patches = v.head(v.trunk.forward_head(final.reshape(B * P, 1, C))).reshape(B, P, -1)
-        return pooled, patches
+        return (v.head(v.trunk.forward_head(final)) if pooled else None), patches
 
-    def forward(self, pixel_values: torch.Tensor, *, joint_space: bool = True) -> TowerOutput:
+    def forward(self, pixel_values: torch.Tensor, *, joint_space: bool = True, pooled: bool = True) -> TowerOutput:
         """``joint_space=False``: the adapter input only (``patch_features`` and ``pooled`` None), and
-        the blocks after ``select_layer`` are not run: what a model without SEA needs."""
+        the blocks after ``select_layer`` are not run: what a model without SEA needs. ``pooled=False``:
+        ``pooled`` is None and the head runs on the patch tokens only (what SEA needs)."""
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"pixel_values must be (B, 3, {self.image_size[0]}, {self.image_size[1]}); got "
@@ -680,5 +684,5 @@ class VisionTower(nn.Module):
         pixel_values = pixel_values.to(device=self._param().device, dtype=self._param().dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
             hidden, final = self._run(pixel_values, stop_early=not joint_space)
-            pooled, patches = self._pooled_and_patches(final) if joint_space else (None, None)
-        return TowerOutput(hidden, patches, pooled, self.grid)
+            pool, patches = self._pooled_and_patches(final, pooled) if joint_space else (None, None)
+        return TowerOutput(hidden, patches, pool, self.grid)

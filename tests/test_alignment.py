@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sea_kernels import SEAAlignmentLoss, contrastive_loss, dedup_labels, patch_labels, word_embeddings
+from sea_kernels import SEAAlignmentLoss, alignment, contrastive_loss, dedup_labels, patch_labels, word_embeddings
 
 
 def batch(seed=0, b=3, side=6, d=16, q=40, vocab_size=90, dim=24, length=3):
@@ -202,3 +202,31 @@ def test_mixed_dtype_policy_casts_the_vocabulary_once(monkeypatch):
     labels = patch_labels(pf.half(), vf.half(), negate=True, generator=torch.Generator().manual_seed(0))
     out = module(visual, pf.half(), vf, ids, weight, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.labels.label, labels.label)  # the labels of the 16-bit x 16-bit call
+
+
+@pytest.mark.parametrize("no_pairs", [False, True])
+def test_fused_eager_path_gathers_the_kept_pairs_and_matches_the_reference(no_pairs, monkeypatch):
+    """Eager fused backends embed and gather only the kept windows' pairs (one gather per tensor), and
+    give the reference's loss and gradients (the zero loss still connected when no pair is kept)."""
+    pf, vf, ids, weight = batch(seed=6)
+    if no_pairs:
+        vf, pf = vf.abs(), pf.abs()  # -cos <= 0 everywhere: no candidates
+    results, original = {}, alignment.mean_embeddings
+    for backend in ("reference", "cpu"):
+        rows = []
+        monkeypatch.setattr(
+            alignment, "mean_embeddings", lambda labels, *a, rows=rows: rows.append(len(labels)) or original(labels, *a)
+        )
+        visual = torch.randn(3, 36, 24, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        w = weight.clone().requires_grad_()
+        module = SEAAlignmentLoss(backend=backend, init_log_scale=1.0)
+        out = module(visual, pf, vf, ids, w, generator=torch.Generator().manual_seed(2))
+        out.loss.backward()
+        results[backend] = (out, visual.grad, w.grad, module.log_scale.grad, rows)
+    (ref, *ref_grads, ref_rows), (got, *got_grads, got_rows) = results["reference"], results["cpu"]
+    assert torch.equal(got.keep, ref.keep) and got.pairs == ref.pairs and (got.pairs == 0) == no_pairs
+    assert ref_rows == [ref.keep.numel()] and got_rows == [got.pairs]  # reference: every window
+    assert got.loss.dtype == ref.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, ref.loss)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b)

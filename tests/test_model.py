@@ -136,6 +136,53 @@ def test_l_align_uses_this_forwards_visual_tokens_and_patch_features(built, batc
     assert out.pairs == ref.pairs and torch.equal(out.align.labels.label, ref.labels.label)
 
 
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (a device sync on GPUs)."""
+
+    READS = ("_local_scalar_dense", "equal", "nonzero", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_sea_adds_one_host_read_to_the_forward_and_none_to_the_step(built, batch):
+    """With SEA on, the forward reads the device once more than with SEA off (the finiteness check of
+    the patch features, on CPU only); pairs and tau stay tensors, read by ``train_step`` with the
+    other sums, once per step whatever the number of micro-batches."""
+    from sea_model import train as trainer
+
+    on, _, _ = built
+    off = SEAModel(on.tower, on.llm, image_token_id=on.image_token_id, sea=None)
+    on(**batch)  # the vocabulary is checked once per version: not in the calls counted below
+    reads = {}
+    for name, model in (("on", on), ("off", off)):
+        with _HostReads() as mode:
+            out = model(**batch, generator=torch.Generator().manual_seed(0))
+        reads[name] = mode.count
+        assert isinstance(out.pair_count, torch.Tensor) == (name == "on")
+    assert reads["on"] - reads["off"] == 1
+    assert (out.pairs, out.temperature) == (0, None)
+
+    def step_reads(model, accum):
+        params = [p for p in model.adapter.parameters()]
+        g = torch.Generator().manual_seed(5)
+        state = trainer.StepState(model=model, optimizer=torch.optim.SGD(params, lr=0.0), params=params, generator=g)
+        with _HostReads() as mode:
+            result = trainer.train_step(state, iter([batch] * accum), accum=accum)
+        return mode.count, result
+
+    (on1, r1), (on2, r2), (off1, _) = step_reads(on, 1), step_reads(on, 2), step_reads(off, 1)
+    assert on1 - off1 == 1 and on2 - on1 == reads["on"]  # one more micro-batch: only its forward's reads
+    g = torch.Generator().manual_seed(5)
+    assert r2["pairs"] == sum(on(**batch, generator=g).pairs for _ in range(2)) > r1["pairs"] > 0
+    assert r2["tau"] == pytest.approx(1.0) and r2["pairs_local"] == r2["pairs"]
+
+
 def test_freezing_and_gradients(built, batch):
     model, _, _ = built
     stage1 = model.freeze_for_stage(1)

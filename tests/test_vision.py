@@ -63,6 +63,19 @@ def test_patch_features_are_last_layer_ln_post_proj(clip, images):
     torch.testing.assert_close(VisionTower.from_clip(clip)(images).patch_features, expected)
 
 
+def test_pooled_false_skips_the_pooled_head_only(clip, images, monkeypatch):
+    """``pooled=False`` (what SEA asks for): the same patch features, no pooled embedding, and the head
+    (ln_post) runs on the patch tokens only."""
+    tower = VisionTower.from_clip(clip)
+    full = tower(images)
+    rows = []
+    ln_post = tower.visual.ln_post
+    monkeypatch.setattr(ln_post, "forward", lambda x, f=ln_post.forward: rows.append(x.shape[:-1]) or f(x))
+    lean = tower(images, pooled=False)
+    assert lean.pooled is None and rows == [(2, 16)]
+    assert torch.equal(lean.patch_features, full.patch_features) and torch.equal(lean.hidden, full.hidden)
+
+
 def test_pooled_equals_encode_image(clip, images):
     out = VisionTower.from_clip(clip)(images)
     with torch.no_grad():
@@ -105,6 +118,8 @@ def test_siglip_style_timm_tower():
         _, inter = trunk.forward_intermediates(x, indices=[0], output_fmt="NLC")
         torch.testing.assert_close(out.hidden, inter[0])
         torch.testing.assert_close(tower(x, joint_space=False).hidden, inter[0])
+        lean = tower(x, pooled=False)
+        assert lean.pooled is None and torch.equal(lean.patch_features, out.patch_features)
         final = trunk.forward_features(x)
         pool = trunk.attn_pool
         C = final.shape[-1]
@@ -202,7 +217,11 @@ def test_hf_patch_head_on_cls_reproduces_get_image_features(hf_pair, images):
     head = HFJointHead(clip)
     with torch.no_grad():
         pooled, patches = head(last)
+        no_pool, same = head(last, pooled=False)
+        lean = tower(images, pooled=False)
     torch.testing.assert_close(patches, out.patch_features)
+    assert no_pool is None and torch.equal(same, patches)
+    assert lean.pooled is None and torch.equal(lean.patch_features, out.patch_features)
     if family == "clip":
         cls_as_patch = head(last[:, :1].expand(-1, 2, -1).contiguous())[1][:, 0]
         torch.testing.assert_close(cls_as_patch, expected)

@@ -180,9 +180,10 @@ class _Block(nn.Module):
 class StandInTower(nn.Module):
     """A frozen CLIP-ViT-shaped tower in plain PyTorch with ``VisionTower``'s interface (random weights).
 
-    ``forward(pixel_values, *, joint_space=True) -> TowerOutput(hidden (B, P, width) of layer
-    select_layer without CLS, patch_features (B, P, embed_dim), pooled (B, embed_dim), grid)``; with
-    ``joint_space=False`` it stops after ``select_layer`` and the last two are None."""
+    ``forward(pixel_values, *, joint_space=True, pooled=True) -> TowerOutput(hidden (B, P, width) of
+    layer select_layer without CLS, patch_features (B, P, embed_dim), pooled (B, embed_dim), grid)``;
+    with ``joint_space=False`` it stops after ``select_layer`` and the last two are None; with
+    ``pooled=False`` pooled is None."""
 
     def __init__(
         self,
@@ -217,7 +218,7 @@ class StandInTower(nn.Module):
         return super().train(False)  # frozen, like VisionTower
 
     @torch.no_grad()
-    def forward(self, pixel_values, *, joint_space: bool = True):
+    def forward(self, pixel_values, *, joint_space: bool = True, pooled: bool = True):
         from ..vision import TowerOutput
 
         w = self.conv1.weight
@@ -232,9 +233,9 @@ class StandInTower(nn.Module):
                 selected = x
         if not joint_space:
             return TowerOutput(selected[:, 1:], None, None, self.grid)
-        pooled = self.ln_post(x[:, 0]) @ self.proj
+        pool = self.ln_post(x[:, 0]) @ self.proj if pooled else None
         patches = self.ln_post(x[:, 1:]) @ self.proj
-        return TowerOutput(selected[:, 1:], patches, pooled, self.grid)
+        return TowerOutput(selected[:, 1:], patches, pool, self.grid)
 
 
 def build_tower(name: str, device, dtype: torch.dtype):
