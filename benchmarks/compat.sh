@@ -8,8 +8,8 @@
 # Measured 2026-11-30 on 2 CPU cores shared with other jobs (load average ~15): the environment in about
 # 4 minutes from nothing (several GB of wheels: torch's CUDA dependencies, from a fast package index),
 # the suite in 24 minutes with `-n 2` (the full suite in the newest versions took 15 minutes alongside).
-# Re-measured 2026-11-30 21:16 UTC on the quiet machine, environment reused, Triton cache warm: 108 s in all
-# (843 passed, 29 skipped: the 24 GPU/float64/bf16-interpreter skips of CI plus 5 that need accelerate).
+# Re-measured 2026-11-30 21:16 UTC on the quiet machine, environment reused, Triton cache warm: 112 s in all
+# (848 passed, 24 skipped: the same counts as the newest versions in CI).
 # COMPAT_WORKERS sets pytest-xdist's worker count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +24,10 @@ sys.exit(any(m.version(k) != v if v else not m.version(k) for k, v in want.items
 PY
     python3 -m venv "$venv"
     "$venv/bin/pip" install --progress-bar off "${pins[@]}"
-    # the project with its dev extra, without letting pip move the pinned versions
-    "$venv/bin/pip" install --progress-bar off -e ".[dev]" pytest-xdist "${pins[@]}"
 fi
-# the project itself from this checkout (a reused environment may point at another one)
-"$venv/bin/pip" install --progress-bar off -q --no-deps -e .
+# the project from this checkout with its dev extra (also when reusing an environment: it may point at another
+# checkout or predate a dependency), without letting pip move the pinned versions
+"$venv/bin/pip" install --progress-bar off -q -e ".[dev]" pytest-xdist "${pins[@]}"
 echo "compat: environment ready in $((SECONDS - start))s"
 "$venv/bin/python" -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 t0=$SECONDS
