@@ -903,6 +903,11 @@ at::Tensor exact_scores(const at::Tensor& patches, const at::Tensor& vocab, bool
 
 // ============================================================================ window sampling
 
+// Windows of a window x window tiling of an H x W grid, partial at the right and bottom edges.
+inline int64_t n_windows(int64_t H, int64_t W, int64_t window) {
+  return ((H + window - 1) / window) * ((W + window - 1) / window);
+}
+
 // The patches of window w (row-major, inside the grid) into `out`; returns how many there are.
 int64_t window_members(int64_t w, int64_t H, int64_t W, int64_t window, int64_t* out) {
   const int64_t nwx = (W + window - 1) / window, wy = w / nwx, wx = w % nwx;
@@ -1004,7 +1009,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_windows(const 
   at::Tensor uniforms = uniforms_in.to(at::kFloat).contiguous();
   TORCH_CHECK(values.dim() == 3 && values.size(1) == H * W, "sample_windows: values must be (B, H*W, n)");
   const int64_t B = values.size(0), n = values.size(2);
-  const int64_t nw = ((H + window - 1) / window) * ((W + window - 1) / window);
+  const int64_t nw = n_windows(H, W, window);
   check_uniforms(uniforms, B, nw);
   WindowLabels out(B, nw, values.options());
   sample_rows(nullptr, nullptr, values.view({-1, n}), indices.view({-1, n}), H, W, window, uniforms.data_ptr<float>(),
@@ -1050,7 +1055,7 @@ std::vector<uint8_t> positive_in_first_block(const float* pn, int64_t M, int64_t
 // window every patch (its top-1 decides its eligibility).
 std::vector<int64_t> rows_to_score(const std::vector<uint8_t>& settled, int64_t B, int64_t H, int64_t W,
                                    int64_t window, const float* u, std::vector<int64_t>& rows) {
-  const int64_t P = H * W, nw = ((H + window - 1) / window) * ((W + window - 1) / window);
+  const int64_t P = H * W, nw = n_windows(H, W, window);
   std::vector<int64_t> slot(static_cast<size_t>(B * P), -1), members(static_cast<size_t>(window * window));
   auto add = [&](int64_t bp) {
     slot[bp] = static_cast<int64_t>(rows.size());
@@ -1084,7 +1089,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_lab
   at::NoGradGuard no_grad;
   at::Tensor pn = normalize_rows(flat);
   at::Tensor uniforms = uniforms_in.to(at::kFloat).contiguous();
-  const int64_t nw = ((H + window - 1) / window) * ((W + window - 1) / window);
+  const int64_t nw = n_windows(H, W, window);
   check_uniforms(uniforms, B, nw);
   auto score_all = [&]() {
     at::Tensor v, ix;
