@@ -454,7 +454,9 @@ class HFJointHead(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, last_hidden_state: torch.Tensor, *, pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, last_hidden_state: torch.Tensor, *, pooled: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         p = next(self.parameters())
         x = last_hidden_state.to(p.dtype)
         return hf_joint_features(x, norm=self.norm, proj=self.proj, head=self.head, pooled=pooled)
