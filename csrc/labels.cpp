@@ -20,7 +20,10 @@
 // the oracle; rows or tiles with Inf/NaN/huge values take that path too). Extra memory: the
 // normalized patches (M x d, plus a low-precision copy), per thread one vocabulary tile (copy), one
 // score buffer, and per row and vocabulary split a buffer of max(4k, 64) candidates and an exact
-// top-k -- independent of the vocabulary size q.
+// top-k -- independent of the vocabulary size q. Unless a prepared vocabulary is given (prepare_vocab:
+// every word's c_j, int8 scale, bound terms and low-precision copy, q x d bytes for int8, 2 q d for bf16,
+// plus 33 bytes per word): then the tiles are not converted again; sea_kernels/cpu/labels.py keeps the last
+// vocabulary's between calls.
 //
 // float64: a tiled at::mm (MKL dgemm) per (row block, vocabulary range) into a small buffer and a
 // streaming per-row top-k with a threshold (the k-th best at the last compaction).
@@ -656,35 +659,118 @@ struct PatchSide {
   at::Tensor low;
 };
 
-// Per-thread buffers of one task: a float32 tile (when the vocabulary is not float32), its low-precision
-// copy, the prefilter scores, and per word c_j, the prefilter multiplier w_j and statistics.
+// One word's prefilter data: c_j, w_j (c_j times its int8 scale), the bound's terms abg = (|c_j| |y~_j|,
+// |c_j| |y_j - y~_j|, |c_j| |y_j|) and whether it is regular; its low-precision copy goes to row r of `low`.
+inline void word_stats(int64_t mode, const float* y, int64_t d, float sign, at::Tensor& low, int64_t r, float* c,
+                       float* w, double* abg, uint8_t* regular) {
+  float scale;
+  const VecStats st = prefilter_stats(mode, y, d, sign, low, r, &scale);
+  const double ac = std::fabs(static_cast<double>(st.c));
+  *c = st.c;
+  *w = st.c * scale;
+  abg[0] = ac * st.nt;
+  abg[1] = ac * st.ne;
+  abg[2] = ac * st.n;
+  *regular = st.regular;
+}
+
+// The prefilter data of words [j0, j0 + n): per word c, w, abg, regularity, and the low-precision rows.
+struct WordSide {
+  const float* c;
+  const float* w;
+  const double* abg;
+  const uint8_t* regular;
+  at::Tensor low;  // (n, d) int8 / bf16 rows (undefined for the other modes)
+
+  TileStats maxima(int64_t n) const {  // the tile's maxima for the bound
+    TileStats ts;
+    for (int64_t j = 0; j < n; ++j) {
+      ts.A = std::max(ts.A, abg[3 * j]);
+      ts.B = std::max(ts.B, abg[3 * j + 1]);
+      ts.G = std::max(ts.G, abg[3 * j + 2]);
+      ts.regular = ts.regular && regular[j];
+    }
+    ts.regular = ts.regular && std::isfinite(ts.A + ts.B + ts.G);
+    return ts;
+  }
+};
+
+// The whole vocabulary's prefilter data, from prepare_vocab (kept between calls by the Python side, so
+// that a constant vocabulary is converted once): low (q x d, int8 / bf16, empty for the other modes), c and
+// w (q, float32), abg (q x 3, float64), regular (q, uint8).
+struct PreparedVocab {
+  std::vector<at::Tensor> t;  // empty: none given
+
+  bool given() const { return !t.empty(); }
+  WordSide words(int64_t j0, int64_t n) const {
+    return WordSide{t[1].data_ptr<float>() + j0, t[2].data_ptr<float>() + j0, t[3].data_ptr<double>() + 3 * j0,
+                    t[4].data_ptr<uint8_t>() + j0, t[0].numel() > 0 ? t[0].narrow(0, j0, n) : at::Tensor()};
+  }
+};
+
+// Per-thread buffers of one task: a float32 tile (when the vocabulary is not float32), the prefilter
+// scores, and (without a prepared vocabulary) the tile's prefilter data.
 struct TileBuffers {
   at::Tensor ybuf, ylow, sbuf;
   std::vector<float> c, w;
-  std::vector<VecStats> ys;
+  std::vector<double> abg;
+  std::vector<uint8_t> regular;
 };
 
-// Statistics and low-precision copy of tile rows y[0..n); the tile's maxima for the bound.
-TileStats tile_stats(int64_t mode, const float* y, int64_t n, int64_t d, float sign, TileBuffers& tb) {
-  TileStats ts;
-  for (int64_t j = 0; j < n; ++j) {
-    float scale;
-    tb.ys[j] = prefilter_stats(mode, y + j * d, d, sign, tb.ylow, j, &scale);
-    tb.c[j] = tb.ys[j].c;
-    tb.w[j] = tb.c[j] * scale;
-    const double ac = std::fabs(static_cast<double>(tb.c[j]));
-    ts.A = std::max(ts.A, ac * tb.ys[j].nt);
-    ts.B = std::max(ts.B, ac * tb.ys[j].ne);
-    ts.G = std::max(ts.G, ac * tb.ys[j].n);
-    ts.regular = ts.regular && tb.ys[j].regular;
-  }
-  ts.regular = ts.regular && std::isfinite(ts.A + ts.B + ts.G);
-  return ts;
+// The prefilter data of tile rows y[0..n), computed into tb.
+WordSide tile_words(int64_t mode, const float* y, int64_t n, int64_t d, float sign, TileBuffers& tb) {
+  for (int64_t j = 0; j < n; ++j)
+    word_stats(mode, y + j * d, d, sign, tb.ylow, j, &tb.c[j], &tb.w[j], &tb.abg[3 * j], &tb.regular[j]);
+  return WordSide{tb.c.data(), tb.w.data(), tb.abg.data(), tb.regular.data(),
+                  tb.ylow.defined() ? tb.ylow.narrow(0, 0, n) : at::Tensor()};
+}
+
+int64_t effective_mode(int64_t mode, int64_t d) {
+  TORCH_CHECK(mode >= kExact && mode <= kInt8, "cosine_topk: prefilter must be 0, 1, 2 or 3");
+  return mode == kInt8 && d > 100000 ? kFloat32 : mode;  // int32 dot products of d int8 pairs must not overflow
+}
+
+// The whole vocabulary's prefilter data for `mode` and the sign of `negate` (see PreparedVocab).
+std::vector<at::Tensor> prepare_vocab(const at::Tensor& vocab, bool negate, int64_t prefilter) {
+  TORCH_CHECK(vocab.dim() == 2 && vocab.device().is_cpu(), "prepare_vocab: a CPU (q, d) vocabulary expected");
+  TORCH_CHECK(vocab.scalar_type() != at::kDouble, "prepare_vocab: float32 scoring only");
+  at::NoGradGuard no_grad;
+  const int64_t q = vocab.size(0), d = vocab.size(1), mode = effective_mode(prefilter, d);
+  const auto opts = vocab.options();
+  at::Tensor low = (mode == kBFloat16 || mode == kInt8) ? at::empty({q, d}, opts.dtype(low_dtype(mode)))
+                                                         : at::empty({0}, opts.dtype(at::kChar));
+  at::Tensor c = at::empty({q}, opts.dtype(at::kFloat)), w = at::empty({q}, opts.dtype(at::kFloat));
+  at::Tensor abg = at::empty({q, 3}, opts.dtype(at::kDouble)), regular = at::empty({q}, opts.dtype(at::kByte));
+  const bool direct = vocab.scalar_type() == at::kFloat && vocab.is_contiguous();
+  const VocabRows rows{&vocab, direct ? vocab.data_ptr<float>() : nullptr, d};
+  at::parallel_for(0, q, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(d));
+    for (int64_t j = begin; j < end; ++j)
+      word_stats(mode, rows.row(j, scratch.data()), d, negate ? -1.0f : 1.0f, low, j, c.data_ptr<float>() + j,
+                 w.data_ptr<float>() + j, abg.data_ptr<double>() + 3 * j, regular.data_ptr<uint8_t>() + j);
+  });
+  return {low, c, w, abg, regular};
+}
+
+// A prepared vocabulary given to cosine_topk / patch_labels must be the one of this vocabulary and mode.
+PreparedVocab check_prepared(const std::vector<at::Tensor>& prepared, const at::Tensor& vocab, int64_t mode) {
+  if (prepared.empty() || mode == kExact) return PreparedVocab{};
+  const int64_t q = vocab.size(0);
+  const bool low_mode = mode == kBFloat16 || mode == kInt8;
+  TORCH_CHECK(prepared.size() == 5 && prepared[1].numel() == q && prepared[2].numel() == q &&
+                  prepared[3].numel() == 3 * q && prepared[4].numel() == q &&
+                  prepared[1].scalar_type() == at::kFloat && prepared[2].scalar_type() == at::kFloat &&
+                  prepared[3].scalar_type() == at::kDouble && prepared[4].scalar_type() == at::kByte &&
+                  (low_mode ? prepared[0].sizes() == vocab.sizes() && prepared[0].scalar_type() == low_dtype(mode)
+                            : prepared[0].numel() == 0),
+              "cosine_topk: the prepared vocabulary does not match the vocabulary or the prefilter");
+  for (const auto& t : prepared) TORCH_CHECK(t.is_contiguous(), "cosine_topk: prepared tensors must be contiguous");
+  return PreparedVocab{prepared};
 }
 
 // Prefilter scores of patch rows [r, r + sb) against the tile (sb x n, into tb.sbuf).
-void prefilter_product(int64_t mode, const Problem& pb, const PatchSide& xp, const float* y, int64_t r, int64_t sb,
-                       int64_t n, TileBuffers& tb) {
+void prefilter_product(int64_t mode, const Problem& pb, const PatchSide& xp, const float* y, const at::Tensor& ylow,
+                       int64_t r, int64_t sb, int64_t n, TileBuffers& tb) {
   const int64_t d = pb.d;
   at::Tensor out = tb.sbuf.narrow(0, 0, sb * n).view({sb, n});
   if (mode == kFloat32) {
@@ -692,16 +778,16 @@ void prefilter_product(int64_t mode, const Problem& pb, const PatchSide& xp, con
     at::Tensor yt = at::from_blob(const_cast<float*>(y), {n, d}, f32);
     at::mm_out(out, at::from_blob(const_cast<float*>(pb.pn + r * d), {sb, d}, f32), yt.t());
   } else if (mode == kBFloat16) {
-    at::mm_out(out, xp.low.narrow(0, r, sb), tb.ylow.narrow(0, 0, n).t());
+    at::mm_out(out, xp.low.narrow(0, r, sb), ylow.t());
   } else {
-    at::_int_mm_out(out, xp.low.narrow(0, r, sb), tb.ylow.narrow(0, 0, n).t());
+    at::_int_mm_out(out, xp.low.narrow(0, r, sb), ylow.t());
   }
 }
 
 // One task: rows [r0, r0 + mb) against the vocabulary range of `split`.
 void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, const PatchSide& xp,
-                RowState* states, int64_t M, int64_t q, int64_t r0, int64_t mb, int64_t split, Scratch& sc,
-                TileBuffers& tb) {
+                const PreparedVocab& pv, RowState* states, int64_t M, int64_t q, int64_t r0, int64_t mb, int64_t split,
+                Scratch& sc, TileBuffers& tb) {
   const int64_t d = pb.d, T = plan.tile;
   const double gamma = static_cast<double>(d + 64) * kU32 / (1.0 - static_cast<double>(d + 64) * kU32);
   const float rel = static_cast<float>((mode == kBFloat16 ? kBf16Out * (1.0 + 1e-6) : 0.0) + 8.0 * kU32);
@@ -710,29 +796,28 @@ void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, 
   for (int64_t j0 = j_begin; j0 < j_end; j0 += T) {
     const int64_t n = std::min(T, j_end - j0);
     const float* y = pb.vocab.tile(j0, n, tb.ybuf);
-    const TileStats ts = tile_stats(mode, y, n, d, negate ? -1.0f : 1.0f, tb);
+    const WordSide words = pv.given() ? pv.words(j0, n) : tile_words(mode, y, n, d, negate ? -1.0f : 1.0f, tb);
+    const TileStats ts = words.maxima(n);
     if (!ts.regular) pb.irregular->store(true, std::memory_order_relaxed);
     const bool exact = mode == kExact || !ts.regular;
     for (int64_t s0 = 0; s0 < mb; s0 += plan.sub_rows) {
       const int64_t sb = std::min(plan.sub_rows, mb - s0);
-      if (!exact) prefilter_product(mode, pb, xp, y, r0 + s0, sb, n, tb);
+      if (!exact) prefilter_product(mode, pb, xp, y, words.low, r0 + s0, sb, n, tb);
       for (int64_t t = 0; t < sb; ++t) {
         const int64_t r = r0 + s0 + t;
         RowState& st = states[split * M + r];
         if (exact || !xp.stats[r].regular) {
-          exact_tile_row(y, tb.c.data(), n, j0, st, pb, r);
+          exact_tile_row(y, words.c, n, j0, st, pb, r);
           continue;
         }
         const float e = tile_error(xp.stats[r], ts, gamma), xm = xp.scale[r];
-        const float* w = tb.w.data();
-        const float* c = tb.c.data();
         if (mode == kBFloat16)
-          filter_tile_row(reinterpret_cast<const uint16_t*>(tb.sbuf.data_ptr<at::BFloat16>()) + t * n, w, c, n, j0, xm,
-                          e, rel, st, pb, r, sc);
+          filter_tile_row(reinterpret_cast<const uint16_t*>(tb.sbuf.data_ptr<at::BFloat16>()) + t * n, words.w,
+                          words.c, n, j0, xm, e, rel, st, pb, r, sc);
         else if (mode == kInt8)
-          filter_tile_row(tb.sbuf.data_ptr<int32_t>() + t * n, w, c, n, j0, xm, e, rel, st, pb, r, sc);
+          filter_tile_row(tb.sbuf.data_ptr<int32_t>() + t * n, words.w, words.c, n, j0, xm, e, rel, st, pb, r, sc);
         else
-          filter_tile_row(tb.sbuf.data_ptr<float>() + t * n, w, c, n, j0, xm, e, rel, st, pb, r, sc);
+          filter_tile_row(tb.sbuf.data_ptr<float>() + t * n, words.w, words.c, n, j0, xm, e, rel, st, pb, r, sc);
       }
     }
   }
@@ -767,12 +852,12 @@ void finish_row32(RowState* states, int64_t n_splits, int64_t M, int64_t r, cons
 // of words scored exactly. *vocab_regular (when given): whether every vocabulary word was regular (finite,
 // norm <= 1e30), so that no score of a regular row can be NaN or infinite (true when M == 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, const at::Tensor& vocab, int64_t k,
-                                                        bool negate, int64_t tile, int64_t row_block, int64_t mode,
+                                                        bool negate, int64_t tile, int64_t row_block, int64_t prefilter,
+                                                        const std::vector<at::Tensor>& prepared,
                                                         bool* vocab_regular = nullptr) {
-  const int64_t M = pn.size(0), d = pn.size(1), q = vocab.size(0);
+  const int64_t M = pn.size(0), d = pn.size(1), q = vocab.size(0), mode = effective_mode(prefilter, d);
   TORCH_CHECK(q < std::numeric_limits<int32_t>::max(), "cosine_topk: vocabulary too large");
-  TORCH_CHECK(mode >= kExact && mode <= kInt8, "cosine_topk: prefilter must be 0, 1, 2 or 3");
-  if (mode == kInt8 && d > 100000) mode = kFloat32;  // int32 dot products of d int8 pairs must not overflow
+  const PreparedVocab pv = check_prepared(prepared, vocab, mode);
   const auto opts = pn.options();
   at::Tensor values = at::empty({M, k}, opts.dtype(at::kFloat));
   at::Tensor indices = at::empty({M, k}, opts.dtype(at::kLong));
@@ -822,15 +907,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     sc.row.resize(static_cast<size_t>(d));
     TileBuffers tb;
     if (!direct) tb.ybuf = at::empty({T, d}, opts.dtype(at::kFloat));
-    if (mode == kBFloat16 || mode == kInt8) tb.ylow = at::empty({T, d}, opts.dtype(low_dtype(mode)));
     tb.sbuf = at::empty({plan.sub_rows * T}, opts.dtype(score_dtype(mode)));
-    tb.c.resize(static_cast<size_t>(T));
-    tb.w.resize(static_cast<size_t>(T));
-    tb.ys.resize(static_cast<size_t>(T));
+    if (!pv.given()) {
+      if (mode == kBFloat16 || mode == kInt8) tb.ylow = at::empty({T, d}, opts.dtype(low_dtype(mode)));
+      tb.c.resize(static_cast<size_t>(T));
+      tb.w.resize(static_cast<size_t>(T));
+      tb.abg.resize(static_cast<size_t>(3 * T));
+      tb.regular.resize(static_cast<size_t>(T));
+    }
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t blk = task / plan.n_vocab_splits, split = task % plan.n_vocab_splits;
       const int64_t r0 = blk * plan.rows_per_block, mb = std::min(plan.rows_per_block, M - r0);
-      run_task32(pb, plan, mode, negate, xp, states.data(), M, q, r0, mb, split, sc, tb);
+      run_task32(pb, plan, mode, negate, xp, pv, states.data(), M, q, r0, mb, split, sc, tb);
     }
   });
 
@@ -883,7 +971,7 @@ void check_topk_args(const at::Tensor& patches, const at::Tensor& vocab, int64_t
 // zeros for float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_topk(const at::Tensor& patches, const at::Tensor& vocab,
                                                            int64_t k, bool negate, int64_t tile, int64_t row_block,
-                                                           int64_t prefilter) {
+                                                           int64_t prefilter, const std::vector<at::Tensor>& prepared) {
   check_topk_args(patches, vocab, k);
   at::NoGradGuard no_grad;
   at::Tensor pn = normalize_rows(patches);
@@ -891,7 +979,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_topk(const at::Tensor& pat
     auto tk = topk_kernel<double>(pn, vocab, k, negate, tile, row_block);
     return {std::get<0>(tk), std::get<1>(tk), at::zeros({pn.size(0)}, pn.options().dtype(at::kLong))};
   }
-  return topk_f32(pn, vocab, k, negate, tile, row_block, prefilter);
+  return topk_f32(pn, vocab, k, negate, tile, row_block, prefilter, prepared);
 }
 
 at::Tensor exact_scores(const at::Tensor& patches, const at::Tensor& vocab, bool negate) {
@@ -1080,7 +1168,8 @@ std::vector<int64_t> rows_to_score(const std::vector<uint8_t>& settled, int64_t 
 // word be irregular (NaN scores can outrank a positive one), or for float64, every patch is scored.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_labels(
     const at::Tensor& patches, const at::Tensor& vocab, int64_t H, int64_t W, int64_t top_n, int64_t window,
-    bool negate, const at::Tensor& uniforms_in, int64_t tile, int64_t row_block, int64_t prefilter) {
+    bool negate, const at::Tensor& uniforms_in, int64_t tile, int64_t row_block, int64_t prefilter,
+    const std::vector<at::Tensor>& prepared) {
   TORCH_CHECK(patches.dim() == 3 && patches.size(1) == H * W, "patch_labels: patches must be (B, H*W, d)");
   TORCH_CHECK(window >= 1, "patch_labels: window must be >= 1");
   const int64_t B = patches.size(0), P = patches.size(1), d = patches.size(2), q = vocab.size(0);
@@ -1096,7 +1185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_lab
     if (pn.scalar_type() == at::kDouble)
       std::tie(v, ix) = topk_kernel<double>(pn, vocab, top_n, negate, tile, row_block);
     else
-      std::tie(v, ix, std::ignore) = topk_f32(pn, vocab, top_n, negate, tile, row_block, prefilter);
+      std::tie(v, ix, std::ignore) = topk_f32(pn, vocab, top_n, negate, tile, row_block, prefilter, prepared);
     auto out = sample_windows(v.view({B, P, top_n}), ix.view({B, P, top_n}), H, W, window, uniforms);
     return std::tuple_cat(out, std::make_tuple(at::ones({B, P}, pn.options().dtype(at::kBool))));
   };
@@ -1112,7 +1201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_lab
   const at::Tensor idx =
       at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::TensorOptions().dtype(at::kLong));
   bool regular = true;
-  auto tk = topk_f32(pn.index_select(0, idx), vocab, top_n, negate, tile, row_block, prefilter, &regular);
+  auto tk = topk_f32(pn.index_select(0, idx), vocab, top_n, negate, tile, row_block, prefilter, prepared, &regular);
   if (!regular) return score_all();
 
   WindowLabels out(B, nw, pn.options());
@@ -1127,7 +1216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_lab
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SEA token-level labels: tiled cosine top-k and window label sampling (CPU)";
   m.def("cosine_topk", &cosine_topk, "cosine top-k over vocabulary tiles", py::arg("patches"), py::arg("vocab"),
-        py::arg("k"), py::arg("negate"), py::arg("tile") = 0, py::arg("row_block") = 0, py::arg("prefilter") = 2);
+        py::arg("k"), py::arg("negate"), py::arg("tile") = 0, py::arg("row_block") = 0, py::arg("prefilter") = 2,
+        py::arg("prepared") = std::vector<at::Tensor>{});
+  m.def("prepare_vocab", &prepare_vocab, "a vocabulary's prefilter data, to pass to several calls as `prepared`",
+        py::arg("vocab"), py::arg("negate"), py::arg("prefilter"));
   m.def("exact_scores", &exact_scores, "the float32 scores cosine_topk ranks (M x q; for tests)", py::arg("patches"),
         py::arg("vocab"), py::arg("negate"));
   m.def("sample_windows", &sample_windows, "window label sampling from sorted top scores", py::arg("values"),
@@ -1135,5 +1227,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_labels", &patch_labels, "window labels: eligibility, then the top-k of the chosen patches only",
         py::arg("patches"), py::arg("vocab"), py::arg("H"), py::arg("W"), py::arg("top_n"), py::arg("window"),
         py::arg("negate"), py::arg("uniforms"), py::arg("tile") = 0, py::arg("row_block") = 0,
-        py::arg("prefilter") = 2);
+        py::arg("prefilter") = 2, py::arg("prepared") = std::vector<at::Tensor>{});
 }

@@ -285,6 +285,14 @@ def assert_exact(got, patches, vocab, k, negate):
     assert torch.equal(got.indices, indices), "indices differ from the float32 top-k (ties: smaller index first)"
 
 
+@pytest.fixture(params=[True, False], ids=["vocab-cached", "vocab-per-call"])
+def vocab_cache(request, monkeypatch):
+    """Both ways of getting the vocabulary's prefilter data: kept between calls, and converted per tile."""
+    monkeypatch.setattr(cpu_labels, "CACHE_VOCABULARY", request.param)
+    cpu_labels._PREPARED.clear()
+    return request.param
+
+
 def near_duplicates(q, d, seed, eps=1e-6):
     """Vocabulary rows that are copies of 5 base rows plus differences of ``eps``, some exact copies."""
     g = torch.Generator().manual_seed(seed)
@@ -305,7 +313,7 @@ def near_duplicates(q, d, seed, eps=1e-6):
         (3, 50, 8, 50, 16),  # k = q
     ],
 )
-def test_prefilter_is_exact_on_random_inputs(prefilter, negate, m, q, d, k, tile):
+def test_prefilter_is_exact_on_random_inputs(prefilter, negate, m, q, d, k, tile, vocab_cache):
     _use_cpp("cpp")
     patches, vocab = make_inputs(m, q, d, torch.float32, seed=m + q + k)
     got = cpu_labels.cosine_topk(patches, vocab, k, negate, tile=tile, prefilter=prefilter, use_cpp=True)
@@ -315,7 +323,7 @@ def test_prefilter_is_exact_on_random_inputs(prefilter, negate, m, q, d, k, tile
 @pytest.mark.parametrize("prefilter", PREFILTERS)
 @pytest.mark.parametrize("negate", [False, True])
 @pytest.mark.parametrize("eps", [1e-6, 1e-4])
-def test_prefilter_is_exact_on_near_duplicates(prefilter, negate, eps):
+def test_prefilter_is_exact_on_near_duplicates(prefilter, negate, eps, vocab_cache):
     """Hundreds of scores within the prefilter's bound of the k-th (rows differing by eps), and exact ties."""
     _use_cpp("cpp")
     vocab = near_duplicates(517, 64, seed=1, eps=eps)  # 517: not a multiple of any tile
@@ -432,7 +440,7 @@ LABEL_DTYPES = [
 @pytest.mark.parametrize("prefilter", PREFILTERS)
 @pytest.mark.parametrize("negate", [False, True])
 @pytest.mark.parametrize("dtypes", LABEL_DTYPES, ids=lambda t: f"{t[0]}-{t[1]}".replace("torch.", ""))
-def test_patch_labels_equal_the_top_k_of_every_patch(prefilter, negate, dtypes):
+def test_patch_labels_equal_the_top_k_of_every_patch(prefilter, negate, dtypes, vocab_cache):
     """Ineligible (negative and exactly 0), late-eligible and live patches, windows with 0-4 eligible
     patches, partial edge windows, windows 1, 2 and 3, near-duplicate and tied words: identical outputs."""
     _use_cpp("cpp")
@@ -501,3 +509,48 @@ def test_unknown_prefilter_is_one_clear_error():
     patches, vocab = make_inputs(4, 30, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match="prefilter must be one of"):
         cpu_labels.cosine_topk(patches, vocab, 3, False, prefilter="fp8")
+
+
+# ----------------------------------------------------------------------------- the vocabulary's prefilter data
+
+
+def test_vocabulary_data_is_kept_and_redone_when_the_vocabulary_changes():
+    """Reused for the same unmodified tensor; redone after an in-place change, for the other sign, for
+    another tensor; dropped when the vocabulary is freed; never kept for inference tensors."""
+    _use_cpp("cpp")
+    cpu_labels._PREPARED.clear()
+    patches, vocab = make_inputs(19, 700, 40, torch.float32, seed=8)
+
+    def run(v, negate=False):
+        got = cpu_labels.cosine_topk(patches, v, 5, negate, tile=128, prefilter="int8", use_cpp=True)
+        assert_exact(got, patches, v, 5, negate)
+        return cpu_labels._PREPARED["entry"][2]
+
+    first = run(vocab)
+    assert run(vocab) is first
+    vocab[3:9].mul_(-2.0)  # in place: the version counter moves
+    second = run(vocab)
+    assert second is not first and not torch.equal(second[0], first[0])
+    assert run(vocab, negate=True) is not second
+    other = vocab.clone()
+    assert run(other) is not second
+    del other
+    assert "entry" not in cpu_labels._PREPARED
+    with torch.inference_mode():
+        frozen = vocab.clone()
+    got = cpu_labels.cosine_topk(patches, frozen, 5, False, prefilter="int8", use_cpp=True)
+    assert_exact(got, patches, frozen, 5, False)
+    assert "entry" not in cpu_labels._PREPARED
+
+
+def test_prepared_vocabulary_of_another_vocabulary_is_refused():
+    _use_cpp("cpp")
+    ext = load_extension("labels")
+    patches, vocab = make_inputs(4, 300, 40, torch.float32, seed=9)
+    code = cpu_labels.PREFILTERS["int8"]
+    for wrong in (
+        ext.prepare_vocab(vocab[:200], False, code),
+        ext.prepare_vocab(vocab, False, cpu_labels.PREFILTERS["bf16"]),
+    ):
+        with pytest.raises(RuntimeError, match="prepared vocabulary does not match"):
+            ext.cosine_topk(patches, vocab, 3, False, 0, 0, code, wrong)

@@ -17,7 +17,11 @@ contract's ``sample_windows`` (:func:`scored_patches` tells which patches were s
 the fallback score every patch.
 
 No path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row keeps a
-bounded candidate buffer, so the extra memory does not grow with ``q``. When the extension cannot be
+bounded candidate buffer, so the memory of a call does not grow with ``q``. The vocabulary's side of the
+prefilter (per word its factor, int8 scale, bound terms and int8/bf16 copy: ``q x d`` bytes for int8,
+``2 q d`` for bf16, plus 33 bytes per word) is computed once per vocabulary and kept for the next calls
+(:func:`prepared_vocab`: one vocabulary at a time, redone when the tensor is modified in place or
+replaced, dropped when it is freed; ``CACHE_VOCABULARY = False`` turns this off). When the extension cannot be
 built (``load_extension`` announces that once), the chunked PyTorch path below computes the same
 function up to near ties: vocabulary chunks are normalized, multiplied with row blocks of the
 patches, reduced with ``torch.topk`` and merged with the running top-k.
@@ -31,6 +35,7 @@ PyTorch path, ``True``: the extension or ``RuntimeError``).
 
 from __future__ import annotations
 
+import weakref
 from functools import cache
 
 import torch
@@ -45,6 +50,8 @@ DEFAULT_PREFILTER: str | None = None  # None: default_prefilter()
 # Chunked fallback: vocabulary rows per chunk, and a cap on the elements of one score block.
 FALLBACK_TILE = 2048
 FALLBACK_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 scores
+CACHE_VOCABULARY = True  # keep the last vocabulary's prefilter data between calls (see the module doc)
+_PREPARED: dict = {}  # "entry": (key, weak reference to the vocabulary, prefilter data)
 
 
 @cache
@@ -69,6 +76,39 @@ def _prefilter_code(prefilter: str | None) -> int:
     return PREFILTERS[name]
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter, so no safe cache key
+        return None
+
+
+def prepared_vocab(ext, vocab: torch.Tensor, negate: bool, code: int) -> list[torch.Tensor]:
+    """The prefilter data of ``vocab`` for prefilter ``code`` and ``negate`` (``ext.prepare_vocab``),
+    reused while the same tensor object is alive and unmodified (its version counter; the tensor is
+    held by a weak reference, so its memory cannot be reused by another while the entry is valid).
+    ``[]`` (convert per call) for float64, the exact oracle, inference tensors or ``CACHE_VOCABULARY``
+    off."""
+    version = _version(vocab)
+    if not CACHE_VOCABULARY or code == 0 or vocab.dtype == torch.float64 or version is None:
+        return []
+    key = (version, vocab.data_ptr(), tuple(vocab.shape), vocab.stride(), vocab.dtype, bool(negate), code)
+    entry = _PREPARED.get("entry")
+    if entry is not None and entry[0] == key and entry[1]() is vocab:
+        return entry[2]
+    _PREPARED.pop("entry", None)  # the old data goes before the new is made: one copy at a time
+    prepared = ext.prepare_vocab(vocab, negate, code)
+    _PREPARED["entry"] = (key, weakref.ref(vocab, _forget), prepared)
+    return prepared
+
+
+def _forget(ref: weakref.ref) -> None:
+    """The cached vocabulary was freed: drop its data (unless another vocabulary's replaced it)."""
+    entry = _PREPARED.get("entry")
+    if entry is not None and entry[1] is ref:
+        _PREPARED.pop("entry", None)
+
+
 def cosine_topk(
     patches: torch.Tensor,
     vocab: torch.Tensor,
@@ -83,9 +123,9 @@ def cosine_topk(
     """``(values f32 (M, k), indices i64 (M, k))``."""
     ext = choose_extension("labels", use_cpp)
     if ext is not None:
-        values, indices, _ = ext.cosine_topk(
-            patches, vocab, k, negate, tile or 0, row_block or 0, _prefilter_code(prefilter)
-        )
+        code = _prefilter_code(prefilter)
+        prepared = prepared_vocab(ext, vocab, negate, code)
+        values, indices, _ = ext.cosine_topk(patches, vocab, k, negate, tile or 0, row_block or 0, code, prepared)
         return TopK(values, indices)
     return cosine_topk_chunked(patches, vocab, k, negate, tile=tile, row_block=row_block)
 
@@ -109,7 +149,10 @@ def patch_labels(
     h, w = grid
     if ext is not None:
         code = _prefilter_code(prefilter)
-        out = ext.patch_labels(patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0, code)
+        prepared = prepared_vocab(ext, vocab, negate, code)
+        out = ext.patch_labels(
+            patches, vocab, h, w, top_n, window, negate, uniforms, tile or 0, row_block or 0, code, prepared
+        )
         return PatchLabels(*out[:4])
     b, p, d = patches.shape
     values, indices = cosine_topk_chunked(
