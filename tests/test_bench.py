@@ -6,6 +6,7 @@ reports what the issue asks for."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -112,3 +113,14 @@ def test_cli_bench_arguments():
     assert (args.ops, args.sizes, args.device, args.out) == ("labels,loss", "full", "cpu", "x")
     with pytest.raises(ValueError, match="unknown op"):
         run(["nope"], "quick", "cpu", "unused", progress=False)
+
+
+def test_plot_without_memory_numbers_warns_nothing(bench, tmp_path):
+    """A --no-memory run: the memory panel says so instead of a matplotlib legend warning."""
+    pytest.importorskip("matplotlib")
+    _, result = bench
+    rows = [dict(r, extra_peak_bytes=None) for r in result["results"] if r["op"] == "loss"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = report.plot_op(rows, "loss", "loss", tmp_path / "loss.png")
+    assert path is not None and path.stat().st_size > 0

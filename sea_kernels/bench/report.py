@@ -275,7 +275,10 @@ def plot_op(rows: list[dict], op: str, title: str, path: Path) -> Path | None:
                     )
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # e.g. the memory panel of a --no-memory run
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
