@@ -1,6 +1,6 @@
 """contrastive_loss, cpu backend: the C++ kernels and the chunked PyTorch fallback against the eager
 reference and a float64 ground truth (loss and the gradients of x, t and scale), gradcheck, the
-tiling edge cases, and that no N x N matrix is allocated."""
+tiling edge cases, that no N x N matrix is allocated when tiled, and which sizes are computed densely."""
 
 from __future__ import annotations
 
@@ -171,3 +171,16 @@ def test_deterministic(path, monkeypatch):
         again = loss_and_grads(x, t, 30.0, "cpu")
         for p, q in zip(first, again):
             assert torch.equal(p, q)
+
+
+def test_mid_size_problems_are_computed_densely(monkeypatch):
+    """Automatic tiling sends N <= DENSE_MAX_N with N^2 D >= SMALL_WORK to the reference formula (bitwise
+    its loss and gradients); a single block, a larger N and a given tile stay on the tiles."""
+    assert C.dense_is_faster(200, 128) and C.dense_is_faster(C.DENSE_MAX_N, 512)
+    assert not C.dense_is_faster(86, 128) and not C.dense_is_faster(C.DENSE_MAX_N + 1, 512)
+    x, t = pairs(200, 128, seed=5, align=1.0)  # 200^2 x 128 = 5.1M >= SMALL_WORK
+    want = loss_and_grads(x, t, 14.3, "reference")
+    assert all(torch.equal(g, w) for g, w in zip(loss_and_grads(x, t, 14.3, "cpu"), want))
+    monkeypatch.setattr(C, "DEFAULT_TILE", 64)
+    tiled = loss_and_grads(x, t, 14.3, "cpu")
+    assert not all(torch.equal(g, w) for g, w in zip(tiled, want))
