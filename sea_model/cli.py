@@ -103,6 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
             args.device,
             args.out,
             threads=args.threads or None,
+            min_runs=args.rounds or None,
             memory=not args.no_memory,
             progress=not args.no_progress,
         )
@@ -276,6 +277,16 @@ def _selfcheck_parser(sub) -> None:
     p.set_defaults(func=_selfcheck)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
 def _bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -296,6 +307,13 @@ def _bench_parser(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default="sea-bench", help="output directory (default ./sea-bench)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=0,
+        help="time at least this many rounds of every backend (default: 5 on CPUs, 10 on GPUs); more rounds "
+        "narrow the ratio of long steps such as stage1 llava-cpu (about 7.5 s per round here)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)

@@ -106,11 +106,16 @@ def test_named_sizes_resolve_on_both_devices():
     assert CASE_SETS["labels"].size_params("labels", "full", "cuda")["dtype"] == "bfloat16"
 
 
-def test_cli_bench_arguments():
+def test_cli_bench_arguments(monkeypatch):
     args = build_parser().parse_args(
         ["bench", "--ops", "labels,loss", "--sizes", "full", "--device", "cpu", "--out", "x"]
     )
     assert (args.ops, args.sizes, args.device, args.out) == ("labels,loss", "full", "cpu", "x")
+    seen = {}
+    monkeypatch.setattr("sea_model.bench.run", lambda *a, **kw: seen.update(kw))
+    for argv, want in ([], None), (["--rounds", "12"], 12):
+        parsed = build_parser().parse_args(["bench", "--ops", "loss", *argv])
+        assert parsed.func(parsed) == 0 and seen["min_runs"] == want
     with pytest.raises(ValueError, match="unknown op"):
         run(["nope"], "quick", "cpu", "unused", progress=False)
 

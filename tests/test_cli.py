@@ -73,6 +73,17 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert err.startswith(f"sea {argv[0]}: error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_bad_bench_rounds_is_an_argparse_error(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--rounds", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        stop.value.code == 2
+        and err[-1] == f"sea bench: error: argument --rounds: must be a positive integer; got {value!r}"
+    )
+
+
 def test_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="unknown key train.nope"):
         cli.main(["train", "--debug", "--stage", "1", "--train.nope", "1"])
