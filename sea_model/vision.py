@@ -42,9 +42,11 @@ plain open_clip model config dict (tests build tiny random ones, no download).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -205,6 +207,26 @@ def _text_tower_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(asked: bool):
+    """open_clip warns (root logger) when it builds a model without weights: no news when ``pretrained``
+    is None on purpose (random towers for tests and benchmarks)."""
+    if not asked:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_clip(config: VisionConfig, *, device: str | torch.device = "cpu") -> ClipBundle:
     """Build the CLIP model of ``config`` (open_clip: patch dropout off; eval mode, frozen)."""
     if config.image_aspect_ratio not in ASPECT_RATIOS:
@@ -214,13 +236,14 @@ def load_clip(config: VisionConfig, *, device: str | torch.device = "cpu") -> Cl
     import open_clip
 
     if config.model_cfg is None:
-        model = open_clip.create_model(
-            config.name,
-            pretrained=config.pretrained,
-            force_patch_dropout=0.0,
-            force_preprocess_cfg=config.preprocess_cfg or None,
-            device=device,
-        )
+        with _quiet_random_init(config.pretrained is None):
+            model = open_clip.create_model(
+                config.name,
+                pretrained=config.pretrained,
+                force_patch_dropout=0.0,
+                force_preprocess_cfg=config.preprocess_cfg or None,
+                device=device,
+            )
         preprocess_cfg = dict(model.visual.preprocess_cfg)
         tokenizer = open_clip.get_tokenizer(config.name)
     else:

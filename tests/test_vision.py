@@ -258,3 +258,17 @@ def test_hf_tower_by_local_path(hf_pair, images, tmp_path):
     assert "file:" in bundle.key()
     random = load_clip(VisionConfig(name=str(tmp_path / "clip"), pretrained=None))
     assert "random:" in random.key() and random.key() != bundle.key()
+
+
+def test_a_random_named_tower_builds_without_the_missing_weights_warning(caplog):
+    """pretrained=None is a choice (random towers for tests and benchmarks): open_clip's warning is dropped."""
+    pytest.importorskip("open_clip")
+    import logging
+
+    from sea_model.vision import VisionConfig, load_clip
+
+    with caplog.at_level(logging.WARNING):
+        load_clip(VisionConfig(name="ViT-S-32", pretrained=None))
+        assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+        logging.warning("No pretrained weights loaded for model 'x'")  # the filter was removed afterwards
+        assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
