@@ -13,14 +13,15 @@
 // x.y - x~.y~ = (x - x~).y~ + x~.(y - y~) + (x - x~).(y - y~)), the accumulation error of a d-term
 // float32 sum, the bf16 rounding of the product, a few float32 roundings relative to the score, and
 // an absolute 1e-6 that covers underflow and the rounding of the bound itself. A word can be in a
-// row's top-k only if its upper bound reaches L, the k-th largest lower bound (or exact score) of the
-// row so far; per row, the words that pass are kept in a small buffer, compacted against the rising L
-// and rescored exactly with dot_f32 when it fills. The result is the top-k of exact scores, ties
-// broken by the smaller index: identical for every prefilter (prefilter 0 scores every pair exactly --
-// the oracle; rows or tiles with Inf/NaN/huge values take that path too). Extra memory: the
-// normalized patches (M x d, plus a low-precision copy), per thread one vocabulary tile (copy), one
-// score buffer, and per row and vocabulary split a buffer of max(4k, 64) candidates and an exact
-// top-k -- independent of the vocabulary size q. Unless a prepared vocabulary is given (prepare_vocab:
+// row's top-k only if its upper bound reaches L, the k-th best exact score of the row so far (its
+// running top-k's threshold, shared by the row's vocabulary splits); a word that passes is rescored
+// exactly with dot_f32 at once, from the vocabulary tile while it is still in cache (rescoring later,
+// from memory, cost more than the rescoring itself), and L rises with the top-k. The result is the
+// top-k of exact scores, ties broken by the smaller index: identical for every prefilter (prefilter 0
+// scores every pair exactly -- the oracle; rows or tiles with Inf/NaN/huge values take that path too).
+// Extra memory: the normalized patches (M x d, plus a low-precision copy), per thread one vocabulary
+// tile (copy), one score buffer, and per row and vocabulary split a top-k of k + max(k, 32) entries --
+// independent of the vocabulary size q. Unless a prepared vocabulary is given (prepare_vocab:
 // every word's c_j, int8 scale, bound terms and low-precision copy, q x d bytes for int8, 2 q d for bf16,
 // plus 33 bytes per word): then the tiles are not converted again; sea_kernels/cpu/labels.py keeps the last
 // vocabulary's between calls.
@@ -466,12 +467,6 @@ at::ScalarType score_dtype(int64_t mode) {
   return mode == kBFloat16 ? at::kBFloat16 : (mode == kInt8 ? at::kInt : at::kFloat);
 }
 
-// A prefilter candidate: approximate score v, its error bound e (|v - exact| <= e), c_j, word.
-struct Cand {
-  float v, e, c;
-  int32_t i;
-};
-
 // Where a word's float32 vector comes from: the vocabulary itself (float32, contiguous) or a row
 // converted into scratch.
 struct VocabRows {
@@ -486,12 +481,6 @@ struct VocabRows {
     return scratch;
   }
 
-  void prefetch(int64_t j) const {
-    if (f32 == nullptr) return;
-    const char* p = reinterpret_cast<const char*>(f32 + j * d);
-    for (int64_t off = 0; off < d * 4; off += 64) __builtin_prefetch(p + off);
-  }
-
   // rows [j0, j0 + n) as float32 (a view, or copied into `buf`)
   const float* tile(int64_t j0, int64_t n, at::Tensor& buf) const {
     if (f32 != nullptr) return f32 + j0 * d;
@@ -501,14 +490,11 @@ struct VocabRows {
   }
 };
 
-// The per-row state of one vocabulary split: candidate buffer, exact top-k and L.
+// The per-row state of one vocabulary split: exact top-k and L.
 struct RowState {
-  Cand* buf;
-  int64_t cnt;
-  int64_t cap;
   float L;  // a lower bound of the row's k-th largest exact score
   RowTopK<float> exact;
-  int64_t rescored;
+  int64_t rescored;  // words scored exactly
 };
 
 // Work shared by the threads of one call.
@@ -528,70 +514,35 @@ inline float share_L(std::atomic<float>& shared, float L) {  // max(shared, L), 
   return std::max(cur, L);
 }
 
-// Per-thread scratch.
-struct Scratch {
-  std::vector<float> lows;  // lower bounds for kth_lower
-  std::vector<float> row;   // one converted vocabulary row
-};
+constexpr int64_t kCompactEvery = 8;  // exact scores added to a row's top-k between two compactions
 
 inline void push_exact(RowState& st, float s, int64_t j) {
   if (!(s < st.exact.thr)) st.exact.push(s, j);  // ties are kept: the compaction orders them by index
 }
 
-void rescore(RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
-  const float* x = pb.pn + r * pb.d;
-  for (int64_t t = 0; t < st.cnt; ++t) {
-    const Cand& cd = st.buf[t];
-    if (t + 1 < st.cnt) pb.vocab.prefetch(st.buf[t + 1].i);
-    push_exact(st, dot_f32(x, pb.vocab.row(cd.i, sc.row.data()), pb.d) * cd.c, cd.i);
-  }
-  st.rescored += st.cnt;
-  st.cnt = 0;
-}
-
-// The k-th largest of the candidates' lower bounds and the exact scores (NaN as +inf), or -inf.
-float kth_lower(RowState* const* states, int64_t n_states, int64_t k, std::vector<float>& lows) {
-  lows.clear();
-  for (int64_t s = 0; s < n_states; ++s) {
-    const RowState& st = *states[s];
-    for (int64_t t = 0; t < st.cnt; ++t) lows.push_back(st.buf[t].v - st.buf[t].e);
-    for (int64_t t = 0; t < st.exact.cnt; ++t) {
-      const float v = st.exact.e[t].v;
-      lows.push_back(std::isnan(v) ? std::numeric_limits<float>::infinity() : v);
-    }
-  }
-  if (static_cast<int64_t>(lows.size()) < k) return -std::numeric_limits<float>::infinity();
-  std::nth_element(lows.begin(), lows.begin() + (k - 1), lows.end(), std::greater<float>());
-  return lows[k - 1];
-}
-
-// Drop the candidates that cannot reach L; rescore the rest when they still fill half the buffer.
-void compact(RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
-  RowState* self = &st;
-  st.L = share_L(pb.row_L[r], std::max(st.L, kth_lower(&self, 1, pb.k, sc.lows)));
-  int64_t kept = 0;
-  for (int64_t t = 0; t < st.cnt; ++t)
-    if (st.buf[t].v + st.buf[t].e >= st.L) st.buf[kept++] = st.buf[t];
-  st.cnt = kept;
-  if (st.cnt > st.cap / 2) rescore(st, pb, r, sc);
-}
-
-inline void push_cand(RowState& st, const Cand& cd, const Problem& pb, int64_t r, Scratch& sc) {
-  if (st.cnt == st.cap) {
-    compact(st, pb, r, sc);
-    if (cd.v + cd.e < st.L) return;
-  }
-  st.buf[st.cnt++] = cd;
+// L <- the larger of L, the top-k's threshold (the k-th best exact score, compacted every few scores so that
+// it stays close to current) and the L of the row's other vocabulary splits.
+inline void raise_L(RowState& st, const Problem& pb, int64_t r) {
+  const bool first = st.exact.thr == -std::numeric_limits<float>::infinity();
+  if (st.exact.cnt >= pb.k + kCompactEvery || (first && st.exact.cnt >= pb.k)) st.exact.compact();
+  st.L = share_L(pb.row_L[r], std::max(st.L, st.exact.thr));
 }
 
 inline float score_value(float x) { return x; }
 inline float score_value(uint16_t x) { return from_bf16(x); }
 inline float score_value(int32_t x) { return static_cast<float>(x); }
 
-// Prefilter scores v = raw * xm * w_j of one row against one tile: keep j when v + (e + rel |v|) >= L.
+// Prefilter scores v = raw * xm * w_j of one row against one tile (float32 rows y): a word whose bound
+// reaches L (v + e + rel |v| >= L) is scored exactly at once, from the tile while it is in cache, into the
+// row's top-k, and L rises with the top-k's threshold.
 template <typename S>
-void filter_tile_row(const S* raw, const float* w, const float* c, int64_t n, int64_t j0, float xm, float e, float rel,
-                     RowState& st, const Problem& pb, int64_t r, Scratch& sc) {
+void filter_tile_row(const S* raw, const float* w, const float* c, const float* y, int64_t n, int64_t j0, float xm,
+                     float e, float rel, RowState& st, const Problem& pb, int64_t r) {
+  const float* x = pb.pn + r * pb.d;
+  auto take = [&](int64_t t) {
+    push_exact(st, dot_f32(x, y + t * pb.d, pb.d) * c[t], j0 + t);
+    ++st.rescored;
+  };
   int64_t j = 0;
 #if defined(__AVX512F__)
   __m512 vL = _mm512_set1_ps(st.L);
@@ -606,29 +557,29 @@ void filter_tile_row(const S* raw, const float* w, const float* c, int64_t n, in
     } else {
       v = _mm512_loadu_ps(raw + j);
     }
-    const __m512 cv = _mm512_loadu_ps(c + j);
     v = _mm512_mul_ps(_mm512_mul_ps(v, vxm), _mm512_loadu_ps(w + j));
-    const __m512 err = _mm512_fmadd_ps(vr, _mm512_abs_ps(v), ve);
-    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_add_ps(v, err), vL, _CMP_GE_OQ);
+    const __m512 up = _mm512_add_ps(v, _mm512_fmadd_ps(vr, _mm512_abs_ps(v), ve));
+    const __mmask16 m = _mm512_cmp_ps_mask(up, vL, _CMP_GE_OQ);
     if (m != 0) {
-      alignas(64) float tv[16], te[16], tc[16];
-      _mm512_store_ps(tv, v);
-      _mm512_store_ps(te, err);
-      _mm512_store_ps(tc, cv);
+      alignas(64) float tu[16];
+      _mm512_store_ps(tu, up);
       uint32_t bits = m;
       while (bits) {
         const int b = __builtin_ctz(bits);
         bits &= bits - 1;
-        if (tv[b] + te[b] >= st.L) push_cand(st, Cand{tv[b], te[b], tc[b], static_cast<int32_t>(j0 + j + b)}, pb, r, sc);
+        if (tu[b] >= st.L) take(j + b);
       }
+      raise_L(st, pb, r);
       vL = _mm512_set1_ps(st.L);
     }
   }
 #endif
   for (; j < n; ++j) {
     const float v = score_value(raw[j]) * xm * w[j];
-    const float err = e + rel * std::fabs(v);
-    if (v + err >= st.L) push_cand(st, Cand{v, err, c[j], static_cast<int32_t>(j0 + j)}, pb, r, sc);
+    if (v + (e + rel * std::fabs(v)) >= st.L) {
+      take(j);
+      raise_L(st, pb, r);
+    }
   }
 }
 
@@ -787,7 +738,7 @@ void prefilter_product(int64_t mode, const Problem& pb, const PatchSide& xp, con
 // One task: rows [r0, r0 + mb) against the vocabulary range of `split`.
 void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, const PatchSide& xp,
                 const PreparedVocab& pv, RowState* states, int64_t M, int64_t q, int64_t r0, int64_t mb, int64_t split,
-                Scratch& sc, TileBuffers& tb) {
+                TileBuffers& tb) {
   const int64_t d = pb.d, T = plan.tile;
   const double gamma = static_cast<double>(d + 64) * kU32 / (1.0 - static_cast<double>(d + 64) * kU32);
   const float rel = static_cast<float>((mode == kBFloat16 ? kBf16Out * (1.0 + 1e-6) : 0.0) + 8.0 * kU32);
@@ -813,35 +764,25 @@ void run_task32(const Problem& pb, const Plan& plan, int64_t mode, bool negate, 
         const float e = tile_error(xp.stats[r], ts, gamma), xm = xp.scale[r];
         if (mode == kBFloat16)
           filter_tile_row(reinterpret_cast<const uint16_t*>(tb.sbuf.data_ptr<at::BFloat16>()) + t * n, words.w,
-                          words.c, n, j0, xm, e, rel, st, pb, r, sc);
+                          words.c, y, n, j0, xm, e, rel, st, pb, r);
         else if (mode == kInt8)
-          filter_tile_row(tb.sbuf.data_ptr<int32_t>() + t * n, words.w, words.c, n, j0, xm, e, rel, st, pb, r, sc);
+          filter_tile_row(tb.sbuf.data_ptr<int32_t>() + t * n, words.w, words.c, y, n, j0, xm, e, rel, st, pb, r);
         else
-          filter_tile_row(tb.sbuf.data_ptr<float>() + t * n, words.w, words.c, n, j0, xm, e, rel, st, pb, r, sc);
+          filter_tile_row(tb.sbuf.data_ptr<float>() + t * n, words.w, words.c, y, n, j0, xm, e, rel, st, pb, r);
       }
     }
   }
 }
 
-// Row r's result from all splits: L over everything, the surviving candidates rescored, the top-k.
-void finish_row32(RowState* states, int64_t n_splits, int64_t M, int64_t r, const Problem& pb, Scratch& sc,
+// Row r's result from all splits: the top-k of their exact top-k lists, and the number of words scored exactly.
+void finish_row32(const RowState* states, int64_t n_splits, int64_t M, int64_t r, const Problem& pb,
                   std::vector<Entry<float>>& all, float* out_v, int64_t* out_i, int64_t* out_n) {
-  std::vector<RowState*> mine;
-  for (int64_t s = 0; s < n_splits; ++s) mine.push_back(&states[s * M + r]);
-  float L = kth_lower(mine.data(), n_splits, pb.k, sc.lows);
-  for (RowState* st : mine) L = std::max(L, st->L);
   all.clear();
   int64_t rescored = 0;
-  const float* x = pb.pn + r * pb.d;
-  for (RowState* st : mine) {
-    for (int64_t t = 0; t < st->exact.cnt; ++t) all.push_back(st->exact.e[t]);
-    for (int64_t t = 0; t < st->cnt; ++t) {
-      const Cand& cd = st->buf[t];
-      if (cd.v + cd.e < L) continue;
-      all.push_back(Entry<float>{dot_f32(x, pb.vocab.row(cd.i, sc.row.data()), pb.d) * cd.c, cd.i});
-      ++rescored;
-    }
-    rescored += st->rescored;
+  for (int64_t s = 0; s < n_splits; ++s) {
+    const RowState& st = states[s * M + r];
+    all.insert(all.end(), st.exact.e, st.exact.e + st.exact.cnt);
+    rescored += st.rescored;
   }
   TORCH_CHECK(static_cast<int64_t>(all.size()) >= pb.k, "cosine_topk: internal error (fewer than k survivors)");
   write_row<float>(all.data(), static_cast<int64_t>(all.size()), pb.k, out_v, out_i);
@@ -885,16 +826,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     for (int64_t r = begin; r < end; ++r) xp.stats[r] = prefilter_stats(mode, pb.pn + r * d, d, 1.0f, xp.low, r, &xp.scale[r]);
   });
 
-  const int64_t cap = std::max<int64_t>(4 * k, 64), kcap = k + std::max<int64_t>(k, 32);
+  const int64_t kcap = k + std::max<int64_t>(k, 32);
   const int64_t n_states = plan.n_vocab_splits * M;
-  std::vector<Cand> cand(static_cast<size_t>(n_states * cap));
   std::vector<Entry<float>> exact(static_cast<size_t>(n_states * kcap));
   std::vector<RowState> states(static_cast<size_t>(n_states));
   for (int64_t s = 0; s < n_states; ++s) {
     RowState& st = states[s];
-    st.buf = cand.data() + s * cap;
-    st.cnt = 0;
-    st.cap = cap;
     st.L = -std::numeric_limits<float>::infinity();
     st.exact = RowTopK<float>{exact.data() + s * kcap, 0, k, kcap, -std::numeric_limits<float>::infinity()};
     st.rescored = 0;
@@ -903,8 +840,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
   const int64_t n_tasks = plan.n_row_blocks * plan.n_vocab_splits;
   at::parallel_for(0, n_tasks, small ? n_tasks : 1, [&](int64_t t_begin, int64_t t_end) {
     const int64_t T = plan.tile;
-    Scratch sc;
-    sc.row.resize(static_cast<size_t>(d));
     TileBuffers tb;
     if (!direct) tb.ybuf = at::empty({T, d}, opts.dtype(at::kFloat));
     tb.sbuf = at::empty({plan.sub_rows * T}, opts.dtype(score_dtype(mode)));
@@ -918,7 +853,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
     for (int64_t task = t_begin; task < t_end; ++task) {
       const int64_t blk = task / plan.n_vocab_splits, split = task % plan.n_vocab_splits;
       const int64_t r0 = blk * plan.rows_per_block, mb = std::min(plan.rows_per_block, M - r0);
-      run_task32(pb, plan, mode, negate, xp, pv, states.data(), M, q, r0, mb, split, sc, tb);
+      run_task32(pb, plan, mode, negate, xp, pv, states.data(), M, q, r0, mb, split, tb);
     }
   });
 
@@ -926,11 +861,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_f32(const at::Tensor& pn, co
   int64_t* out_i = indices.data_ptr<int64_t>();
   int64_t* out_n = rescored.data_ptr<int64_t>();
   at::parallel_for(0, M, small ? M : 16, [&](int64_t begin, int64_t end) {
-    Scratch sc;
-    sc.row.resize(static_cast<size_t>(d));
     std::vector<Entry<float>> all;
     for (int64_t r = begin; r < end; ++r)
-      finish_row32(states.data(), plan.n_vocab_splits, M, r, pb, sc, all, out_v + r * k, out_i + r * k, out_n + r);
+      finish_row32(states.data(), plan.n_vocab_splits, M, r, pb, all, out_v + r * k, out_i + r * k, out_n + r);
   });
   if (vocab_regular != nullptr) *vocab_regular = !irregular.load();
   return {values, indices, rescored};

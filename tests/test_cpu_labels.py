@@ -332,9 +332,9 @@ def test_prefilter_is_exact_on_near_duplicates(prefilter, negate, eps, vocab_cac
     for k in (1, 10, 40):
         got = cpu_labels.cosine_topk(patches, vocab, k, negate, tile=96, prefilter=prefilter, use_cpp=True)
         assert_exact(got, patches, vocab, k, negate)
-        if prefilter == "int8":  # the bound is wide enough to keep far more than k words: the buffer overflowed
+        if prefilter == "int8":  # the bound is wide: far more than k words reach the k-th best and are rescored
             n = cpu_labels.rescored_counts(patches, vocab, k, negate, prefilter=prefilter, tile=96)
-            assert n.max() > 2 * max(4 * k, 64)
+            assert n.max() > 4 * k
 
 
 @pytest.mark.parametrize("prefilter", ["fp32", "bf16", "int8"])
@@ -354,7 +354,8 @@ def test_prefilter_mixed_dtypes_and_threads(prefilter):
 
 
 def test_prefilter_survivors():
-    """Every prefilter keeps at least k words per row; the float32 one keeps few more (its bound is ~1e-4)."""
+    """Every prefilter scores at least k words exactly per row and prunes most of the vocabulary (the exact
+    oracle scores all of it): rescored are the words whose bound reached the row's k-th best at the time."""
     _use_cpp("cpp")
     patches, vocab = make_inputs(64, 3000, 128, torch.float32, seed=6)
     for prefilter in PREFILTERS:
@@ -362,8 +363,8 @@ def test_prefilter_survivors():
         assert n.shape == (64,) and (n >= 10).all() and (n <= 3000).all(), prefilter
         if prefilter == "exact":
             assert (n == 3000).all()
-        if prefilter == "fp32":
-            assert n.max() <= 20
+        else:
+            assert n.float().median() < 300 and n.max() < 600, prefilter
 
 
 @pytest.mark.parametrize("prefilter", PREFILTERS)

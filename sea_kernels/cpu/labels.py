@@ -4,9 +4,10 @@ float32 (every input dtype but float64 is scored in float32): the exact top-k of
 (``exact_scores``: one fixed float32 arithmetic), found through a prefilter: every pair is scored
 cheaply -- ``"int8"`` (integer matrix products, VNNI), ``"bf16"`` (bfloat16 matrix products, AMX) or
 ``"fp32"`` (float32 matrix products: the plain float32 path) -- with a rigorous bound on the
-prefilter's error; only the words whose upper bound reaches a row's k-th best lower bound are rescored
-exactly. Every prefilter gives the same result, ties broken by the smaller index (``"exact"`` scores
-every pair exactly: the slow oracle). float64: a tiled float64 top-k.
+prefilter's error; only the words whose upper bound reaches the row's k-th best exact score so far are
+rescored exactly, at once, from the vocabulary tile while it is in cache. Every prefilter gives the same
+result, ties broken by the smaller index (``"exact"`` scores every pair exactly: the slow oracle).
+float64: a tiled float64 top-k.
 
 ``patch_labels`` (float32) needs the top-k of one patch per window only: each patch's eligibility (a
 positive exact score) is settled first against the first 64 words; a window whose patches are all
@@ -17,7 +18,7 @@ contract's ``sample_windows`` (:func:`scored_patches` tells which patches were s
 the fallback score every patch.
 
 No path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row keeps a
-bounded candidate buffer, so the memory of a call does not grow with ``q``. The vocabulary's side of the
+bounded top-k, so the memory of a call does not grow with ``q``. The vocabulary's side of the
 prefilter (per word its factor, int8 scale, bound terms and int8/bf16 copy: ``q x d`` bytes for int8,
 ``2 q d`` for bf16, plus 33 bytes per word) is computed once per vocabulary and kept for the next calls
 (:func:`prepared_vocab`: one vocabulary at a time, redone when the tensor is modified in place or
