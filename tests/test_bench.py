@@ -12,6 +12,7 @@ import pytest
 
 from sea_kernels.bench import report
 from sea_model.bench import CASE_SETS, run
+from sea_model.bench.stage1 import clear_cache
 from sea_model.cli import build_parser
 
 TINY = {
@@ -129,3 +130,17 @@ def test_plot_without_memory_numbers_warns_nothing(bench, tmp_path):
         warnings.simplefilter("error")
         path = report.plot_op(rows, "loss", "loss", tmp_path / "loss.png")
     assert path is not None and path.stat().st_size > 0
+
+
+def test_stage1_regions_script_times_every_part(monkeypatch, capsys):
+    """benchmarks/stage1_regions.py (where SEA's Stage-1 cost goes) runs on the demo step."""
+    from benchmarks import stage1_regions
+
+    monkeypatch.setenv("SEA_BENCH_STANDIN_TOWER", "1")
+    monkeypatch.setattr("sys.argv", ["stage1_regions.py", "demo", "--rounds", "1"])
+    try:
+        stage1_regions.main()
+    finally:
+        clear_cache()  # the stand-in tower must not stay cached under the demo size
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms |" not in line]
+    assert len(rows) == 7 and all(float(r.split("|")[2]) > 0 for r in rows)

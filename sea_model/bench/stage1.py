@@ -387,4 +387,5 @@ def stage1_case(backend: str, device="cpu", *, warmup_steps: int = 2, **params):
     for _ in range(warmup_steps):  # optimizer state, kernels compiled, extension loaded
         step(shared["batch"])
     step.tower_kind = shared["tower_kind"]  # type: ignore[attr-defined]
+    step.state = state  # type: ignore[attr-defined]  # the model and optimizer (benchmarks/stage1_regions.py)
     return step, (shared["batch"],)
