@@ -18,14 +18,16 @@ contract's ``sample_windows`` (:func:`scored_patches` tells which patches were s
 the fallback score every patch.
 
 No path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row keeps a
-bounded top-k, so the memory of a call does not grow with ``q``. The vocabulary's side of the
-prefilter (per word its factor, int8 scale, bound terms and int8/bf16 copy: ``q x d`` bytes for int8,
-``2 q d`` for bf16, plus 33 bytes per word) is computed once per vocabulary and kept for the next calls
-(:func:`prepared_vocab`: one vocabulary at a time, redone when the tensor is modified in place or
-replaced, dropped when it is freed; ``CACHE_VOCABULARY = False`` turns this off). When the extension cannot be
-built (``load_extension`` announces that once), the chunked PyTorch path below computes the same
-function up to near ties: vocabulary chunks are normalized, multiplied with row blocks of the
-patches, reduced with ``torch.topk`` and merged with the running top-k.
+bounded top-k. The vocabulary's side of the prefilter (per word its factor, int8 scale, bound terms and
+int8/bf16 copy: ``q x d`` bytes for int8, ``2 q d`` for bf16, plus 33 bytes per word) is computed once
+per vocabulary tensor and kept for the next calls (:func:`prepared_vocab`: one vocabulary at a time,
+redone when the tensor is modified in place or replaced, dropped when it is freed): the only memory
+that grows with ``q``. A new tensor object each call (e.g. a cast made inside a compiled graph) makes it
+again each time; ``CACHE_VOCABULARY = False`` converts tile by tile instead (memory independent of
+``q``, the conversion repeated every call). When the extension cannot be built (``load_extension``
+announces that once), the chunked PyTorch path below computes the same function up to near ties:
+vocabulary chunks are normalized, multiplied with row blocks of the patches, reduced with
+``torch.topk`` and merged with the running top-k.
 
 Backend entries (canonical inputs, see ``sea_kernels.labels``) with keyword-only options for tests
 and benchmarks, as ``sea_kernels.cpu.contrastive``: ``tile`` (vocabulary rows per step),
