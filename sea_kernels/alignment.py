@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _distributed
-from ._common import compute_dtype
+from ._common import TensorCache, compute_dtype
 from .contrastive import contrastive_loss, masked_contrastive_loss
 from .dedup import check_token_ids, dedup_mask, full_table, mean_embeddings
 from .dispatch import BACKENDS
@@ -96,8 +96,7 @@ class SEAAlignmentLoss(nn.Module):
         self.top_n, self.window, self.negate, self.dedup = top_n, window, negate, dedup
         self.max_scale, self.min_scale, self.backend = float(max_scale), float(min_scale), backend
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
-        self._checked_vocabulary = None
-        self._vocabulary_key, self._vocabulary = None, None
+        self._checked_vocabulary, self._vocabulary = TensorCache(), TensorCache()
 
     def extra_repr(self) -> str:
         return (
@@ -215,11 +214,13 @@ class SEAAlignmentLoss(nn.Module):
     def _check_vocabulary(self, vocab_features, word_token_ids, vocab_size: int) -> None:
         """Finiteness of the (constant) vocabulary features and the range of the word token ids,
         checked again only when either changes."""
-        key = _version_key(vocab_features, word_token_ids) + (vocab_size,)
-        if key != self._checked_vocabulary:
+
+        def check() -> bool:
             check_finite("vocab_features", vocab_features)
             check_token_ids(word_token_ids, vocab_size)
-            self._checked_vocabulary = key
+            return True
+
+        self._checked_vocabulary.get((vocab_features, word_token_ids), (vocab_size,), check)
 
     def _vocabulary_for(self, vocab_features: torch.Tensor, patch_dtype: torch.dtype) -> torch.Tensor:
         """The vocabulary in the dtype the labels are scored in, cast once per vocabulary version.
@@ -236,11 +237,7 @@ class SEAAlignmentLoss(nn.Module):
         dtype = patch_dtype if patch_dtype in (torch.float16, torch.bfloat16) else vocab_features.dtype
         if torch.compiler.is_compiling():
             return vocab_features.detach().to(dtype)
-        key = _version_key(vocab_features) + (dtype,)
-        if key != self._vocabulary_key:
-            self._vocabulary = vocab_features.detach().to(dtype)
-            self._vocabulary_key = key
-        return self._vocabulary
+        return self._vocabulary.get((vocab_features,), (dtype,), lambda: vocab_features.detach().to(dtype))
 
     def _keep(self, labels: PatchLabels, generator, group) -> torch.Tensor:
         """Windows whose pair enters the loss: valid ones, one per distinct label when ``dedup``."""
@@ -273,12 +270,6 @@ def _connected_zero(x, t, scale) -> torch.Tensor:
     """A zero loss in the accumulation dtype, connected to ``x``, ``t`` and ``scale`` (zero gradients)."""
     dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
     return (x.sum() + t.sum()).to(dtype) * 0.0 + scale.to(dtype) * 0.0
-
-
-def _version_key(*tensors: torch.Tensor) -> tuple:
-    """Changes whenever one of ``tensors`` is replaced or modified in place (storage, version
-    counter, shape, dtype, device): the key of the per-vocabulary checks and casts."""
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
 def _check_inputs(visual_tokens, patch_features, vocab_features, word_token_ids, embedding_weight) -> None:

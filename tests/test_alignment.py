@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -134,6 +135,28 @@ def test_non_finite_inputs_are_refused_even_after_a_good_call():
     bad[0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="patch_features must be finite"):
         module(visual, bad, torch.randn(40, 16), ids, weight)
+
+
+def test_inference_tensor_vocabulary_is_checked_every_call_and_the_module_pickles():
+    """A vocabulary made under torch.inference_mode has no version counter: nothing is kept for it, so it
+    is checked (and cast) on every call instead of raising; the kept checks and casts are not pickled."""
+    pf, vf, ids, weight = batch(seed=6)
+    with torch.inference_mode():
+        frozen = vf.clone()
+    module = SEAAlignmentLoss(backend="reference")
+    visual = torch.randn(3, 36, 24)
+    g = torch.Generator().manual_seed(0)
+    want = module(visual, pf, vf, ids, weight, generator=torch.Generator().manual_seed(0)).loss
+    assert torch.equal(module(visual, pf, frozen, ids, weight, generator=g).loss, want)
+    with torch.inference_mode():
+        frozen[3, 2] = float("nan")  # changed without a version counter: still caught
+    with pytest.raises(ValueError, match="vocab_features must be finite"):
+        module(visual, pf, frozen, ids, weight)
+    module(visual, pf.half(), vf, ids, weight)  # keeps a check and a cast
+    assert module._checked_vocabulary and module._vocabulary
+    again = pickle.loads(pickle.dumps(module))
+    assert not again._checked_vocabulary and not again._vocabulary
+    assert torch.equal(again.log_scale, module.log_scale)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

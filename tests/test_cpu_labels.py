@@ -525,7 +525,7 @@ def test_vocabulary_data_is_kept_and_redone_when_the_vocabulary_changes():
     def run(v, negate=False):
         got = cpu_labels.cosine_topk(patches, v, 5, negate, tile=128, prefilter="int8", use_cpp=True)
         assert_exact(got, patches, v, 5, negate)
-        return cpu_labels._PREPARED["entry"][2]
+        return cpu_labels._PREPARED.value()
 
     first = run(vocab)
     assert run(vocab) is first
@@ -536,12 +536,12 @@ def test_vocabulary_data_is_kept_and_redone_when_the_vocabulary_changes():
     other = vocab.clone()
     assert run(other) is not second
     del other
-    assert "entry" not in cpu_labels._PREPARED
+    assert not cpu_labels._PREPARED
     with torch.inference_mode():
         frozen = vocab.clone()
     got = cpu_labels.cosine_topk(patches, frozen, 5, False, prefilter="int8", use_cpp=True)
     assert_exact(got, patches, frozen, 5, False)
-    assert "entry" not in cpu_labels._PREPARED
+    assert not cpu_labels._PREPARED
 
 
 def test_prepared_vocabulary_of_another_vocabulary_is_refused():

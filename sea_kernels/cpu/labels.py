@@ -38,13 +38,12 @@ PyTorch path, ``True``: the extension or ``RuntimeError``).
 
 from __future__ import annotations
 
-import weakref
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-from .._common import compute_dtype
+from .._common import TensorCache, compute_dtype
 from ..labels import PatchLabels, TopK, sample_windows
 from ._build import choose_extension
 
@@ -54,7 +53,7 @@ DEFAULT_PREFILTER: str | None = None  # None: default_prefilter()
 FALLBACK_TILE = 2048
 FALLBACK_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 scores
 CACHE_VOCABULARY = True  # keep the last vocabulary's prefilter data between calls (see the module doc)
-_PREPARED: dict = {}  # "entry": (key, weak reference to the vocabulary, prefilter data)
+_PREPARED = TensorCache()  # the last vocabulary's prefilter data
 
 
 @cache
@@ -79,37 +78,14 @@ def _prefilter_code(prefilter: str | None) -> int:
     return PREFILTERS[name]
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: no version counter, so no safe cache key
-        return None
-
-
 def prepared_vocab(ext, vocab: torch.Tensor, negate: bool, code: int) -> list[torch.Tensor]:
     """The prefilter data of ``vocab`` for prefilter ``code`` and ``negate`` (``ext.prepare_vocab``),
-    reused while the same tensor object is alive and unmodified (its version counter; the tensor is
-    held by a weak reference, so its memory cannot be reused by another while the entry is valid).
-    ``[]`` (convert per call) for float64, the exact oracle, inference tensors or ``CACHE_VOCABULARY``
-    off."""
-    version = _version(vocab)
-    if not CACHE_VOCABULARY or code == 0 or vocab.dtype == torch.float64 or version is None:
+    kept in ``_PREPARED`` while the same tensor object is alive and unmodified (``TensorCache``).
+    ``[]`` (convert per call) for float64, the exact oracle, inference tensors (no version counter)
+    or ``CACHE_VOCABULARY`` off."""
+    if not CACHE_VOCABULARY or code == 0 or vocab.dtype == torch.float64 or vocab.is_inference():
         return []
-    key = (version, vocab.data_ptr(), tuple(vocab.shape), vocab.stride(), vocab.dtype, bool(negate), code)
-    entry = _PREPARED.get("entry")
-    if entry is not None and entry[0] == key and entry[1]() is vocab:
-        return entry[2]
-    _PREPARED.pop("entry", None)  # the old data goes before the new is made: one copy at a time
-    prepared = ext.prepare_vocab(vocab, negate, code)
-    _PREPARED["entry"] = (key, weakref.ref(vocab, _forget), prepared)
-    return prepared
-
-
-def _forget(ref: weakref.ref) -> None:
-    """The cached vocabulary was freed: drop its data (unless another vocabulary's replaced it)."""
-    entry = _PREPARED.get("entry")
-    if entry is not None and entry[1] is ref:
-        _PREPARED.pop("entry", None)
+    return _PREPARED.get((vocab,), (bool(negate), code), lambda: ext.prepare_vocab(vocab, negate, code))
 
 
 def cosine_topk(
