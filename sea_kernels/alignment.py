@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _distributed
 from ._common import TensorCache, compute_dtype
-from .contrastive import contrastive_loss, masked_contrastive_loss
+from .contrastive import connected_zero, contrastive_loss, masked_contrastive_loss
 from .dedup import check_token_ids, dedup_mask, full_table, mean_embeddings
 from .dispatch import BACKENDS
 from .labels import PatchLabels, patch_labels
@@ -183,7 +183,7 @@ class SEAAlignmentLoss(nn.Module):
             return masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
         x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)
         if x.shape[0] == 0:
-            return _connected_zero(x, t, scale)
+            return connected_zero(x, t, scale)
         return contrastive_loss(x, t, scale, backend=self.backend, validate=False)
 
     def _loss_over_ranks(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group):
@@ -193,7 +193,7 @@ class SEAAlignmentLoss(nn.Module):
         x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)
         if pairs == 0:
             # Zero connected to the graph: backward runs and gives zero gradients.
-            return SEAAlignmentOutput(_connected_zero(x, t, scale), pair_count, scale.detach(), labels, keep)
+            return SEAAlignmentOutput(connected_zero(x, t, scale), pair_count, scale.detach(), labels, keep)
         loss = contrastive_loss(x, t, scale, group=group, backend=self.backend, validate=False)
         return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
 
@@ -264,12 +264,6 @@ def _kept_pairs(visual_tokens, labels: PatchLabels, keep, word_token_ids, embedd
     x = visual_tokens[rows, labels.patch[rows, windows]]
     t = mean_embeddings(labels.label[rows, windows], word_token_ids.to(x.device), embedding_weight)
     return x, t
-
-
-def _connected_zero(x, t, scale) -> torch.Tensor:
-    """A zero loss in the accumulation dtype, connected to ``x``, ``t`` and ``scale`` (zero gradients)."""
-    dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
-    return (x.sum() + t.sum()).to(dtype) * 0.0 + scale.to(dtype) * 0.0
 
 
 def _check_inputs(visual_tokens, patch_features, vocab_features, word_token_ids, embedding_weight) -> None:

@@ -93,10 +93,17 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(include, torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined))
 
 
+def connected_zero(x, t, scale) -> torch.Tensor:
+    """A zero loss in the accumulation dtype, connected to ``x``, ``t`` and ``scale`` (zero gradients):
+    the loss when no pair is kept."""
+    dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
+    return (x.sum() + t.sum()).to(dtype) * 0.0 + scale.to(dtype) * 0.0
+
+
 def _kept_loss(x, t, keep, scale, backend):
     kept = keep.nonzero().squeeze(1)
     if kept.numel() == 0:
-        return (x.sum() + t.sum()).to(scale.dtype) * 0.0 + scale * 0.0
+        return connected_zero(x, t, scale)
     return resolve("contrastive_loss", backend, x.device)(x[kept], t[kept], scale)
 
 
