@@ -87,7 +87,7 @@ import triton.language as tl
 from .._common import NORM_EPS
 from ..contrastive import contrastive_loss_reference
 from ._launch import INTERPRET as _INTERPRET
-from ._launch import config, dot_precision, launch, tuner
+from ._launch import config, dot_precision, launch, on_device, tuner
 
 # Memory knobs (module attributes so that tests can force several chunks on small inputs).
 FWD_PARTIAL_BUDGET = 1 << 24  # float32 column partials per forward launch (64 MiB)
@@ -544,9 +544,10 @@ def _inv_norms(x: torch.Tensor):
     n, d = x.shape
     r = torch.empty(n, dtype=torch.float32, device=x.device)
     w = torch.empty(n, dtype=torch.float32, device=x.device)
-    _inv_norm_kernel[(triton.cdiv(n, _ROW_BM),)](
-        x_ptr=x, r_ptr=r, w_ptr=w, N=n, D=d, stride_x=x.stride(0), EPS=NORM_EPS, BM=_ROW_BM, BD=_ROW_BD
-    )
+    with on_device(x):
+        _inv_norm_kernel[(triton.cdiv(n, _ROW_BM),)](
+            x_ptr=x, r_ptr=r, w_ptr=w, N=n, D=d, stride_x=x.stride(0), EPS=NORM_EPS, BM=_ROW_BM, BD=_ROW_BD
+        )
     return r, w
 
 
@@ -767,21 +768,10 @@ def _probs(x, t, rx, rt, scale, stats, h, r0, m, big):
 
 def _finish(u, v, r, w, coef, out):
     n, d = v.shape
-    _normalize_bwd_kernel[(triton.cdiv(n, _ROW_BM),)](
-        u_ptr=u,
-        v_ptr=v,
-        r_ptr=r,
-        w_ptr=w,
-        coef_ptr=coef,
-        out_ptr=out,
-        n_rows=n,
-        D=d,
-        stride_u=u.stride(0),
-        stride_v=v.stride(0),
-        stride_o=out.stride(0),
-        BM=_ROW_BM,
-        BD=_ROW_BD,
-    )
+    ptrs = dict(u_ptr=u, v_ptr=v, r_ptr=r, w_ptr=w, coef_ptr=coef, out_ptr=out)
+    strides = dict(stride_u=u.stride(0), stride_v=v.stride(0), stride_o=out.stride(0))
+    with on_device(v):
+        _normalize_bwd_kernel[(triton.cdiv(n, _ROW_BM),)](**ptrs, n_rows=n, D=d, **strides, BM=_ROW_BM, BD=_ROW_BD)
 
 
 class _ContrastiveLoss(torch.autograd.Function):
