@@ -12,6 +12,23 @@
 #   4. one summary table (benchmarks/gpu_summary.py): each check pass/fail, each benchmark with ratio
 #      and target, each step's time against its deadline.
 # Per-step deadlines (s): 20 + 210 + 210 + 20 = 460, under the 470 s total, under 8 minutes.
+# A check cannot pass by not running: SEA_REQUIRE_GPU=1 makes a skipped test fail (tests/conftest.py;
+# reasons expected on a GPU too are listed in gpu_summary.py), and the summary fails on a missing file,
+# an errored or missing benchmark row, and a step that timed out or was skipped.
+#
+# GPU memory (fits an 80 GB H100 and a 141 GB H200). The full-size labels tests score M = 32 x 576 =
+# 18,432 patches against q = 41,242 words: M x q = 760,172,544 scores, 6.08 GB in float64 (S8), 3.04 GB
+# in float32 (S4). Their peak is tests/_checks.py's reference_error with the float64 truth alive: truth
+# (S8) + the reference's float32 scores and their negation (2 S4) + the error's float64 copy and
+# difference (2 S8) = 3 x 6.08 + 2 x 3.04 = 24.3 GB (scores64 alone peaks at 2 S8 = 12.2 GB; the
+# reference op at 2 S4 = 6.1 GB; the inputs are < 0.1 GB). Three such tests (bf16, fp16, the trainer's
+# call) on three xdist workers at once need 3 x 24.3 = 73 GB plus each worker's allocator cache: over
+# 80 GB. They are one xdist_group ("gpu_full", --dist loadgroup) with the full-size loss test (N = 4608,
+# D = 4096 in float64: N x N = 0.17 GB, N x D = 0.15 GB per tensor, < 3 GB in all), so they run one after
+# another on one worker: peak 24.3 GB of tensors (about 30 GB reserved by its allocator) + the other
+# workers' small tests and CUDA contexts (< 1 GB each, 7 x 1 = 7 GB) = about 37 GB, under 70 GB.
+# CPU: each worker gets cores / workers threads (OMP_NUM_THREADS, MKL_NUM_THREADS); the gpu_full worker
+# holds one 6.08 GB float64 truth in host memory at a time.
 # Usage (from the repository root): benchmarks/gpu_check.sh OUTDIR
 # Runs from the checkout without installing (PYTHONPATH=.). Writes OUTDIR/gpu_check.log (everything
 # printed, with a timing line per step), OUTDIR/tests.xml, OUTDIR/bench/{bench.json,table.md},
@@ -19,13 +36,14 @@
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out/bench"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SEA_REQUIRE_GPU=1
 unset TRITON_INTERPRET
 log="$out/gpu_check.log"
 : >"$log"
 : >"$out/steps.tsv"
 deadline=$((SECONDS + 470))
 workers=$(python3 -c "import os; print(max(2, min(8, (os.cpu_count() or 2) // 2)))")
+threads=$(python3 -c "import os; print(max(1, (os.cpu_count() or 2) // $workers))") # per pytest-xdist worker
 
 # step BUDGET_S NAME COMMAND...: run with at most BUDGET_S seconds (less when the total deadline is nearer)
 step() {
@@ -65,8 +83,9 @@ PY
 
 export -f environment
 step 20 "environment" bash -c environment
-step 210 "tests on the GPU (pytest-xdist, $workers workers)" \
-  python3 -m pytest -q -p no:cacheprovider -n "$workers" --junitxml="$out/tests.xml" \
+step 210 "tests on the GPU (pytest-xdist, $workers workers of $threads threads)" \
+  env OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" \
+  python3 -m pytest -q -p no:cacheprovider -n "$workers" --dist loadgroup --junitxml="$out/tests.xml" \
   tests/test_triton_gpu.py tests/test_triton_labels.py tests/test_triton_contrastive.py \
   tests/test_labels.py tests/test_contrastive.py
 step 210 "sea bench --sizes quick --device cuda" \

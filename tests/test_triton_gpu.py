@@ -10,7 +10,9 @@ reference at the shapes the trainer uses, and one Stage-1 step on FlashAttention
   only its flash backend enabled, so that a silent fallback to another kernel fails.
 
 ``benchmarks/gpu_check.sh`` runs this file with the other Triton test files (pytest-xdist), then
-times the same calls with ``sea bench --device cuda``.
+times the same calls with ``sea bench --device cuda``. The full-size tests are one ``xdist_group``
+(``--dist loadgroup`` runs them one after another on one worker): each labels test holds about 24 GB of
+float64 / float32 score matrices on the GPU at its peak (the estimate is in ``gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tests._checks import check_contrastive, check_patch_labels, check_topk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 B, H, W, Q, D, TOP_N, WINDOW = 32, 24, 24, 41242, 768, 10, 2
+FULL_SIZE = pytest.mark.xdist_group("gpu_full")  # one worker at a time holds the full-size score matrices
 
 
 def _labels_inputs(dtype, seed=0):
@@ -37,6 +40,7 @@ def _labels_inputs(dtype, seed=0):
     return patches, vocab, u
 
 
+@FULL_SIZE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_labels_full_size(dtype):
     patches, vocab, u = _labels_inputs(dtype)
@@ -51,6 +55,7 @@ def test_labels_full_size(dtype):
     assert check_patch_labels(fast, ref, patches, vocab, (H, W), TOP_N, WINDOW, True, u) > 0
 
 
+@FULL_SIZE
 def test_labels_as_the_trainer_calls_them():
     """bf16 patch features (autocast) with a float32 vocabulary: SEAAlignmentLoss scores them against
     the vocabulary cast to bf16 once; the kernel's labels match the reference's for that call."""
@@ -65,6 +70,7 @@ def test_labels_as_the_trainer_calls_them():
     assert check_patch_labels(fast, ref, patches, cast, (H, W), TOP_N, WINDOW, True, u) > 0
 
 
+@FULL_SIZE
 def test_contrastive_loss_full_size():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4608, 4096, generator=g)
