@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _exact_float32_dots():
+    """The interpreter's float32 ``tl.dot`` exact and rounded once, on any CPU (``tests/_exact_dots.py``)."""
+    from tests._exact_dots import exact_dots
+
+    with exact_dots():
+        yield
+
+
 def pytest_configure(config):
     # pytest-xdist's --dist loadgroup runs the tests of one group on one worker (tests/test_triton_gpu.py)
     config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker")
