@@ -162,13 +162,14 @@ class SEAAlignmentLoss(nn.Module):
             keep = self._keep(labels, generator, group)
         scale = self.scale()
         embedding_weight = full_table(embedding_weight)  # an FSDP2-sharded table: gathered
+        pairs = (visual_tokens, labels, keep, word_token_ids, embedding_weight, scale)
         if group is not None:
-            return self._loss_over_ranks(visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group)
-
-        loss = self._local_loss(visual_tokens, labels, keep, word_token_ids, embedding_weight, scale)
-        if finite is not None:
+            loss, pair_count = self._loss_over_ranks(*pairs, group)
+        else:
+            loss, pair_count = self._local_loss(*pairs), keep.sum()
+        if finite is not None:  # every mode: non-finite features make the loss NaN, never a finite number
             loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
-        return SEAAlignmentOutput(loss, keep.sum(), scale.detach(), labels, keep)
+        return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
 
     def _local_loss(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale):
         """The loss over this rank's kept pairs. ``reference`` backend and traced code: every window
@@ -187,15 +188,14 @@ class SEAAlignmentLoss(nn.Module):
         return contrastive_loss(x, t, scale, backend=self.backend, validate=False)
 
     def _loss_over_ranks(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group):
-        """The loss with negatives from every rank (eager: row counts differ between ranks)."""
+        """The loss with negatives from every rank (eager: row counts differ between ranks) and the pair
+        count over ranks."""
         pairs = sum(_distributed.gather_sizes(int(keep.sum()), group, keep.device))
         pair_count = torch.tensor(pairs, device=keep.device)
         x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)
-        if pairs == 0:
-            # Zero connected to the graph: backward runs and gives zero gradients.
-            return SEAAlignmentOutput(connected_zero(x, t, scale), pair_count, scale.detach(), labels, keep)
-        loss = contrastive_loss(x, t, scale, group=group, backend=self.backend, validate=False)
-        return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
+        if pairs == 0:  # zero connected to the graph: backward runs and gives zero gradients
+            return connected_zero(x, t, scale), pair_count
+        return contrastive_loss(x, t, scale, group=group, backend=self.backend, validate=False), pair_count
 
     def scale(self) -> torch.Tensor:
         """``1 / tau = exp(log_scale)``, clamped to ``[min_scale, max_scale]`` (differentiable)."""

@@ -253,3 +253,29 @@ def test_fused_eager_path_gathers_the_kept_pairs_and_matches_the_reference(no_pa
     torch.testing.assert_close(got.loss, ref.loss)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["reference", "cpu", "group"])
+def test_non_finite_flag_makes_the_loss_nan_in_every_mode(mode, monkeypatch, tmp_path):
+    """On GPUs (and under torch.compile) non-finite patch features are not refused but flagged: the loss of
+    every mode, over ranks (``group=``) included, is NaN rather than a finite, meaningless number. Here the
+    CPU call takes the flag instead of the check."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(SEAAlignmentLoss, "_patch_features_finite", staticmethod(lambda pf: torch.isfinite(pf).all()))
+    pf, vf, ids, weight = batch(seed=3)
+    good = SEAAlignmentLoss(backend="cpu" if mode == "group" else mode)
+    visual = torch.randn(3, 36, 24)
+    group = None
+    if mode == "group":
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+        group = dist.group.WORLD
+    try:
+        ok = good(visual, pf, vf, ids, weight, generator=torch.Generator().manual_seed(0), group=group)
+        assert torch.isfinite(ok.loss) and ok.pairs > 0
+        pf[1, 5, 0] = float("inf")
+        out = good(visual, pf, vf, ids, weight, generator=torch.Generator().manual_seed(0), group=group)
+        assert torch.isnan(out.loss)
+    finally:
+        if group is not None:
+            dist.destroy_process_group()
