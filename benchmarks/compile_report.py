@@ -1,7 +1,7 @@
 """Static cost report of the Triton kernels, from an ahead-of-time compile (no GPU needed).
 
 Usage (from the repository root, TRITON_INTERPRET unset):
-    python benchmarks/compile_report.py OUTDIR [--subset] [--jobs N] [--arch 90,80]
+    python benchmarks/compile_report.py OUTDIR [--subset] [--jobs N] [--arch 90,80] [--match TEXT]
 
 Compiles every launchable config (``sea_kernels.triton.aot``; ``--subset``: the compile gate's CI
 subset) and writes ``OUTDIR/aot.json`` (every result) and ``OUTDIR/report.md``: per kernel and config
@@ -14,6 +14,11 @@ loop, plus the merge loop times its measured trip count), both as issue clocks o
   multiply-adds per clock on sm_90, 1024 on sm_80);
 * integer/compare, and all other non-tensor instructions: SASS instructions per warp x warps / 4
   (four schedulers per SM, one warp instruction per clock each).
+
+For the loss's logits kernels with 16-bit operands, the cost of promotion (each ``BK`` chunk's dot
+from zero, then a round-to-nearest add; ``contrastive.py``'s Precision) against the same config
+unpromoted (``promote=False``, full matrix only): registers, SASS instructions of the K loop (one
+``BK`` step) and of the whole kernel.
 
 The merge loop's trip count per tile is measured by replaying the kernel's running top-k in
 PyTorch on random Gaussian features at the full-size shape (``merge_steps``): a proxy for CLIP
@@ -164,6 +169,31 @@ def per_tile(case: dict, result: dict, steps: float) -> dict | None:
     )
 
 
+def k_loop(sass: dict) -> dict | None:
+    """The SASS opcode counts of the innermost loop with tensor-core instructions (the K loop)."""
+    return next((lp["ops"] for lp in sass["loops"] if categories(lp["ops"])["tensor"]), None)
+
+
+def promotion_rows(results: list[dict]) -> list[str]:
+    """Markdown rows: each promoted logits config next to its ``promote=False`` twin (same arch)."""
+    plain = {(r["case"].replace(",promote=False", ""), r["arch"]): r for r in results if ",promote=False" in r["case"]}
+    rows = []
+    for r in results:
+        base = plain.get((r["case"], r["arch"]))
+        if base is None or not (r["ok"] and base["ok"]):
+            continue
+        loops = [k_loop(x["sass"]) or {} for x in (base, r)]
+        k_ops = [sum(lp.values()) for lp in loops]
+        adds = [lp.get("FADD", 0) for lp in loops]
+        total = [sum(x["sass"]["all"].values()) for x in (base, r)]
+        rows.append(
+            f"| `{r['case']}` | sm_{r['arch']} | {base['registers']} -> {r['registers']} | "
+            f"{k_ops[0]} -> {k_ops[1]} | {adds[0]} -> {adds[1]} | {total[0]} -> {total[1]} | "
+            f"{base['spill_stores'] + base['spill_loads']} -> {r['spill_stores'] + r['spill_loads']} |"
+        )
+    return rows
+
+
 def write_report(out: str, cases: list[dict], results: list[dict], steps: dict, seconds: float) -> None:
     from sea_kernels.triton import aot
 
@@ -195,6 +225,11 @@ def write_report(out: str, cases: list[dict], results: list[dict], steps: dict, 
             f"| {t['merge_steps']} | {t['integer_per_warp']} | {t['integer_clocks']:.0f} | {t['other_clocks']:.0f} "
             f"| {t['integer_clocks'] / t['tensor_clocks']:.2f} |"
         )
+    promoted = promotion_rows(results)
+    if promoted:
+        lines += ["", "## Promotion of the logits' 16-bit dots: unpromoted -> promoted", ""]
+        lines += ["| kernel config | arch | regs | K-loop SASS instr | K-loop FADD | kernel SASS instr | spills (B) |"]
+        lines += ["|---|---|---|---|---|---|---|", *promoted]
     lines += ["", "## Every compiled config", "", "| kernel config | arch | regs | spills (B) | shared (B) | ok |"]
     lines += ["|---|---|---|---|---|---|"]
     for r in results:
@@ -217,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--subset", action="store_true", help="the compile gate's CI subset only")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--arch", default="90,80")
+    p.add_argument("--match", default="", help="only the cases whose name contains this")
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from dataclasses import asdict
@@ -226,7 +262,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     cases = [asdict(c) for c in aot.cases(full=not a.subset)]
-    results = aot.run(not a.subset, [int(x) for x in a.arch.split(",")], a.jobs)
+    results = aot.run(not a.subset, [int(x) for x in a.arch.split(",")], a.jobs, a.match)
     seconds = time.perf_counter() - t0
     steps = {}
     by_name = {c["name"]: c for c in cases}

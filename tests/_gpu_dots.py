@@ -1,11 +1,32 @@
-"""bfloat16 ``tl.dot`` on CPU as a GPU computes it, for the Triton interpreter (one place for the tests
+"""16-bit ``tl.dot`` on CPU as a GPU computes it, for the Triton interpreter (one place for the tests
 and ``benchmarks/loss_precision.py``).
 
 The interpreter has no bfloat16 arithmetic: its ``tl.dot`` multiplies the raw uint16 storage and its
 float32 -> bfloat16 cast truncates. :func:`bfloat16_dots` patches it, while the ``with`` block runs,
-to do what the GPU does: dots of bfloat16 operands with exact products accumulated in float32, and
-float32 -> bfloat16 casts rounded to nearest even (Triton's default ``fp_downcast_rounding``). Other
-dots and casts are left to the interpreter. On a GPU it changes nothing.
+to do what an IEEE machine does: dots of bfloat16 operands with exact products accumulated in float32
+(round to nearest), and float32 -> bfloat16 casts rounded to nearest even (Triton's default
+``fp_downcast_rounding``). Other dots and casts are left to the interpreter.
+
+:func:`tensor_core_dots` instead computes every dot of bfloat16 or float16 operands as Hopper's
+tensor cores do (wgmma / mma with float32 accumulation), which do not round like IEEE. The model
+(Fasi, Higham, Mikaitis and Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ Computer
+Science 7:e330, 2021; for the H100: Khattak and Mikaitis, "Accurate models of NVIDIA tensor cores",
+arXiv:2512.07004, 2025, model ``H100TC.m`` of github.com/north-numerical-computing/MATLAB-tensor-core:
+16 products per block, 2 extra alignment bits, truncation, no sticky bit, round-toward-zero output):
+``d = c + a @ b`` runs over ``k`` in blocks of ``K_BLOCK`` = 16 products, in order; per block
+
+1. the products ``a_j b_j`` are exact (two 16-bit significands);
+2. ``E = max(max_j (e(a_j) + e(b_j)), e(c))`` over the nonzero terms, ``e(v) = floor(log2 |v|)``
+   clamped to the format's smallest normal exponent (-126 for ``c`` and bfloat16, -14 for float16);
+3. every product and ``c`` is truncated toward zero to a multiple of ``2**(E - 23 - EXTRA_BITS)``
+   (aligned to the largest exponent, ``24 + EXTRA_BITS`` bits kept; ``EXTRA_BITS`` = 2 on the H100);
+4. the truncated terms are summed exactly and the sum is truncated (round toward zero) to float32:
+   the next block's ``c``.
+
+So a long chain of blocks into one accumulator loses up to about one float32 ulp of it per block,
+always toward zero (IEEE's round to nearest would lose half an ulp, unbiased). Not modelled: products
+below ``2**-133`` (flushed by the hardware), infinities and NaNs. ``tensor_core_dots(extra_bits=0)`` is
+the older (V100) alignment. On a GPU both context managers change nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +35,10 @@ import contextlib
 
 import numpy as np
 import torch
+
+K_BLOCK = 16  # products per block: wgmma and mma.sync m16n8k16 take k = 16 for 16-bit inputs
+EXTRA_BITS = 2  # alignment bits kept beyond float32's 24 on the H100 (Khattak and Mikaitis 2025)
+_NONE = -(1 << 20)  # exponent of a zero term: below every real one
 
 
 class EmulationUnavailable(RuntimeError):
@@ -26,9 +51,40 @@ def _as_f32(h):
     return (h.data.astype(np.uint32) << 16).view(np.float32) if h.dtype.scalar == tl.bfloat16 else h.data
 
 
+def _exponent(v: np.ndarray, emin: int) -> np.ndarray:
+    """``floor(log2 |v|)`` clamped below at ``emin`` (``_NONE`` where ``v`` is 0), int64."""
+    _, e = np.frexp(v)
+    return np.where(v != 0, np.maximum(e.astype(np.int64) - 1, emin), _NONE)
+
+
+def _to_float32_rz(s: np.ndarray) -> np.ndarray:
+    """float64 ``s`` rounded toward zero to float32."""
+    f = s.astype(np.float32)
+    over = np.abs(f.astype(np.float64)) > np.abs(s)
+    return np.where(over, np.nextafter(f, np.float32(0)), f)
+
+
+def tensor_core_matmul(a, b, c, *, emin: int, k_block: int = K_BLOCK, extra_bits: int = EXTRA_BITS) -> np.ndarray:
+    """``c + a @ b`` as a tensor core computes it (see the module): ``a`` ``(M, K)`` and ``b`` ``(K, N)``
+    hold 16-bit values (any float dtype), ``c`` ``(M, N)`` float32; float32 result."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ea, eb = _exponent(a, emin), _exponent(b, emin)
+    acc = np.asarray(c, np.float32)
+    for k0 in range(0, a.shape[1], k_block):
+        p = a[:, k0 : k0 + k_block, None] * b[None, k0 : k0 + k_block, :]  # exact
+        e = (ea[:, k0 : k0 + k_block, None] + eb[None, k0 : k0 + k_block, :]).max(1)
+        acc64 = acc.astype(np.float64)
+        top = np.maximum(e, _exponent(acc64, -126))
+        ulp = np.ldexp(1.0, np.where(top > _NONE // 2, top - 23 - extra_bits, 0))[:, None, :]
+        total = (np.trunc(p / ulp).sum(1) + np.trunc(acc64 / ulp[:, 0])) * ulp[:, 0]  # exact: < 2**53 ulps
+        acc = _to_float32_rz(total)
+    return acc
+
+
 @contextlib.contextmanager
-def bfloat16_dots():
-    """Within the block, interpreted kernels compute bfloat16 dots and casts as a GPU does (see the module)."""
+def _patched(dot_for):
+    """Patch the interpreter's ``create_dot`` (``dot_for(a, b, d)``: a TensorHandle, or None for the
+    interpreter's own) and its float32 -> bfloat16 cast (round to nearest even) while the block runs."""
     if torch.cuda.is_available():
         yield
         return
@@ -42,9 +98,8 @@ def bfloat16_dots():
     dot, cast = builder.create_dot, builder.cast_impl
 
     def create_dot(self, a, b, d, *args):
-        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
-            return dot(self, a, b, d, *args)
-        return handle(np.matmul(_as_f32(a), _as_f32(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
+        out = dot_for(a, b, d)
+        return dot(self, a, b, d, *args) if out is None else handle(out, d.dtype.scalar)
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
@@ -57,3 +112,34 @@ def bfloat16_dots():
         yield
     finally:
         builder.create_dot, builder.cast_impl = dot, cast
+
+
+def bfloat16_dots():
+    """Within the block, interpreted kernels compute bfloat16 dots (IEEE float32 accumulation) and casts
+    as an IEEE machine does (see the module)."""
+    import triton.language as tl
+
+    def dot_for(a, b, d):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return None
+        return np.matmul(_as_f32(a), _as_f32(b), dtype=d.data.dtype) + d.data
+
+    return _patched(dot_for)
+
+
+def tensor_core_dots(*, k_block: int = K_BLOCK, extra_bits: int = EXTRA_BITS):
+    """Within the block, interpreted kernels compute dots of bfloat16 and float16 operands as Hopper's
+    tensor cores do (:func:`tensor_core_matmul`) and bfloat16 casts as the GPU does (see the module)."""
+    import triton.language as tl
+
+    emins = {tl.bfloat16: -126, tl.float16: -14}
+
+    def dot_for(a, b, d):
+        kind = a.dtype.scalar
+        if kind not in emins or b.dtype.scalar != kind or d.dtype.scalar != tl.float32:
+            return None
+        return tensor_core_matmul(
+            _as_f32(a), _as_f32(b), d.data, emin=emins[kind], k_block=k_block, extra_bits=extra_bits
+        )
+
+    return _patched(dot_for)

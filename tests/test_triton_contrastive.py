@@ -2,9 +2,10 @@
 
 The contract tests against the reference, for every backend, are in ``test_contrastive.py`` (the
 harness in ``_checks.py``). Here: forced chunking and column splits, float64 (runs the reference),
-and bfloat16 on CPU, where the interpreter's tl.dot has none: those tests patch the interpreter to
-compute as the GPU does (``tests/_gpu_dots.py``), in each mode of the gradient GEMMs
-(``BF16_GRAD_MODES``).
+scale 0 (``validate=False``), and bfloat16 on CPU, where the interpreter's tl.dot has none: those
+tests patch the interpreter to compute bfloat16 with IEEE float32 accumulation
+(``tests/_gpu_dots.py``), in each mode of the gradient GEMMs (``BF16_GRAD_MODES``). The tensor cores'
+own rounding, and the promotion of the logits it needs: ``test_tensor_cores.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import torch
 
 from sea_kernels import contrastive_loss
 from tests import _gpu_dots as gpu_dots
-from tests._checks import DEVICE, backends_here, check_contrastive, loss_and_grads, pairs
+from tests._checks import (
+    DEVICE,
+    assert_as_accurate_as_reference,
+    backends_here,
+    check_contrastive,
+    loss_and_grads,
+    pairs,
+)
 
 pytestmark = pytest.mark.skipif(
     "triton" not in backends_here("contrastive_loss"),
@@ -42,6 +50,24 @@ def test_float64_runs_the_reference():
     got = contrastive_loss(x.to(DEVICE), t.to(DEVICE), 2.0, backend="triton")
     want = contrastive_loss(x.to(DEVICE), t.to(DEVICE), 2.0, backend="reference")
     assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_dscale_finite_at_scale_zero():
+    """With ``validate=False`` scale 0 gets through (a learnable temperature may reach it): every logit
+    is 0, ``P = 1 / N``, and dscale = ``c * sum(H * cos)`` is finite and as accurate as the reference's
+    (its analytic value: ``(mean_ij cos_ij - mean_i cos_ii) * grad``); dx and dt are 0."""
+    x, t = pairs(37, 40, seed=2)
+    kw = dict(grad_out=3.0, validate=False)
+    fast = loss_and_grads(x, t, 0.0, "triton", **kw)
+    ref = loss_and_grads(x, t, 0.0, "reference", **kw)
+    truth = loss_and_grads(x, t, 0.0, "reference", cast=torch.float64, **kw)
+    assert all(torch.isfinite(v).all() for v in fast), fast[3]
+    assert fast[1].abs().max() == 0 and fast[2].abs().max() == 0
+    cos = torch.nn.functional.normalize(x.double(), dim=-1) @ torch.nn.functional.normalize(t.double(), dim=-1).T
+    analytic = 3.0 * (cos.mean() - cos.diagonal().mean())
+    torch.testing.assert_close(truth[3].cpu(), analytic, rtol=1e-12, atol=1e-15)
+    for what, i in (("loss", 0), ("dscale", 3)):
+        assert_as_accurate_as_reference(fast[i].cpu(), ref[i].cpu(), truth[i].cpu(), scale=1.0, what=what)
 
 
 @pytest.fixture

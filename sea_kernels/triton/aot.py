@@ -4,7 +4,8 @@
 autotune list and its fixed (untuned) config, and for the labels kernel each padded ``k`` (``K_PAD``),
 both epilogues and the largest window. ``compile_case`` compiles one for a target (``sm_80``, ``sm_90``)
 with ``triton.compile`` and the ``ptxas`` that ships with triton, and reads the cubin: registers, spill
-(local memory) bytes, shared memory, and the SASS instruction mix (``nvdisasm``), per loop of the kernel.
+(local memory) bytes, shared memory, and the SASS instruction mix (``nvdisasm``), per loop of the kernel;
+and the TTGIR and PTX (``ir_facts``): each dot's accumulator, the width of the global loads.
 
 ``python -m sea_kernels.triton.aot [--full] [--arch 90,80] [--jobs N] [--json OUT]`` compiles them in
 parallel processes (Triton's cache makes a second run fast) and prints one line per case;
@@ -99,9 +100,13 @@ def _labels_case(L, dt: str, sample: bool, k_pad: int, ww: int, c) -> Case:
 
 
 def _contrastive_cases(full: bool) -> list[Case]:
-    """Full: every config of every list and the fixed ones, each dtype, bf16 GEMMs in each mode. CI:
-    bf16 and fp32, the fixed configs and the first tuned one (bf16 GEMMs: every mode in the fixed
-    config, the default modes in the tuned one); fp16's first tuned GEMM (its own TF32 split)."""
+    """Full: every config of every list and the fixed ones, each dtype, bf16 GEMMs in each mode, and
+    the 16-bit logits kernels also unpromoted (``promote=False``: what promotion costs). CI: bf16 and
+    fp32, the fixed configs and the first tuned one (bf16 GEMMs: every mode in the fixed config, the
+    default modes in the tuned one); fp16's first tuned GEMM (its own TF32 split). The fixed configs
+    are compiled as launched on D and strides that are multiples of 16 (the ``generic`` kernels
+    specialize them) and also on any D (``unaligned``: all in the full matrix, in CI the bf16 and fp32
+    logits kernels)."""
     from . import contrastive as C
 
     out = []
@@ -123,6 +128,12 @@ def _contrastive_cases(full: bool) -> list[Case]:
                 for acc in (False, True) if what == "gemm" and full else (True,):
                     for mode in _gemm_modes(C, dt, full or not specialized) if what == "gemm" else (None,):
                         out.append(_contrastive_case(C, what, jit, dt, c, specialized, acc, mode))
+                if what != "gemm" and not single and full:
+                    out.append(_contrastive_case(C, what, jit, dt, c, specialized, True, None, promote=False))
+            if full or (what != "gemm" and dt != "fp16"):  # the generic kernel on any D and strides
+                mode = _gemm_modes(C, dt, False)[0] if what == "gemm" else None
+                any_d = C.config(fixed[single])
+                out.append(_contrastive_case(C, what, generic, dt, any_d, False, True, mode, aligned=False))
         if full or dt == "bf16":
             out += _row_kernel_cases(C, dt)
     return _unique(out)
@@ -147,7 +158,12 @@ def _row_kernel_cases(C, dt: str) -> list[Case]:
     return out
 
 
-def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumulate: bool, mode) -> Case:
+def _contrastive_case(
+    C, what: str, jit, dt: str, c, specialized: bool, accumulate: bool, mode, promote: bool = True, aligned=True
+) -> Case:
+    """One config of a contrastive kernel. ``promote``: the logits kernels' ``PROMOTE`` for 16-bit
+    operands (False: the unpromoted dot, for the cost report); ``aligned``: the generic kernel's D and
+    strides are multiples of 16 (its specialized arguments)."""
     kw = dict(c.kwargs)
     attr = {("fwd", True): "_FWD[0]", ("fwd", False): "_FWD[1]", ("probs", True): "_PROBS[0]"}
     attr.update({("probs", False): "_PROBS[1]", ("gemm", True): "_GEMM[0]", ("gemm", False): "_GEMM[1]"})
@@ -158,16 +174,20 @@ def _contrastive_case(C, what: str, jit, dt: str, c, specialized: bool, accumula
         kw.update(ACCUMULATE=accumulate, MODE=mode, DOT_PREC=prec)
     else:
         types.update(x_ptr=f"*{dt}", t_ptr=f"*{dt}")
-        kw.update(DOT_PREC=prec)
+        kw.update(DOT_PREC=prec, PROMOTE=promote and dt != "fp32")
         if what == "fwd":
             kw["BM"] = C.FWD_GPU_BM[dt == "fp32"]
     tile = dict(BM=kw["BM"], BN=kw["BN"], BK=kw["BK"])
     ints = [a for a in jit.arg_names if not a.endswith("_ptr") and a not in kw]
-    div16 = [a for a in ints if a.startswith("stride") or a in ("D", "K")] if specialized else []
+    if specialized:
+        div16 = [a for a in ints if a.startswith("stride") or a in ("D", "K")]
+    else:
+        div16 = [a for a in ints if a not in jit.do_not_specialize] if aligned else []
     suffix = f",acc={accumulate}" + (f",{mode}" if dt == "bf16" else "") if what == "gemm" else ""
+    suffix += ("" if aligned else ",unaligned") + ("" if promote or dt == "fp32" else ",promote=False")
     tiles = "x".join(str(kw[b]) for b in ("BM", "BN", "BK"))
     how = "tuned" if specialized else "fixed"
-    name = f"contrastive.{what}[{dt},{tiles},w{c.num_warps}s{c.num_stages},{how}{suffix}]"
+    name = f"contrastive.{what}[{dt},{tiles},w{c.num_warps}s{c.num_stages}{_regs(c)},{how}{suffix}]"
     kernel = f"sea_kernels.triton.contrastive:{attr[(what, specialized)]}"
     return Case(kernel, name, types, kw, c.num_warps, c.num_stages, div16, tile, getattr(c, "archs", None), c.maxnreg)
 
@@ -226,6 +246,7 @@ def compile_case(case: Case, arch: int) -> dict:
     result.update(ok=True, compile_s=round(time.perf_counter() - t0, 2), shared=int(k.metadata.shared))
     result.update(_cubin_facts(k.asm["cubin"]))
     result.update(_ptxas_facts(log))
+    result.update(ir_facts(k.asm["ttgir"], k.asm["ptx"]))
     result["shared_limit"] = SHARED_LIMIT[arch]
     return result
 
@@ -263,6 +284,31 @@ def _compile(src, arch: int, warps: int, stages: int, regs: int | None = None):
     else:  # compiled before this cache existed: clear Triton's entry for it and compile again
         raise RuntimeError(f"no ptxas log kept for {k.hash}; rerun with an empty TRITON_CACHE_DIR")
     return k, log
+
+
+_COPY = re.compile(r"cp\.async\.c[ag]\.shared\.global(?:\.\w+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)")
+_LD16 = re.compile(r"\bld\.global(?:\.\w+)*?\.[bsuf]16\b")
+_DOT = re.compile(r"(%[\w#]+)\s*=\s*(?:tt\.dot|ttng\.warp_group_dot)\s+%[\w#]+,\s*%[\w#]+,\s*(%[\w#]+)")
+
+
+def ir_facts(ttgir: str, ptx: str) -> dict:
+    """What the compiled IR says about the loads and the dots: ``ld_global_16``, the PTX's global loads of
+    one 16-bit element; ``cp_async``, its asynchronous global-to-shared copies (and of them
+    ``cp_async_16``, 16-byte ones); ``dot_acc``, each TTGIR dot's accumulator operand: "zero" (a zero
+    constant: the dot starts from zero), "dot" (the result of another dot: one ``tl.dot`` split along
+    k), "carried" (a loop's iteration argument, or a block argument) or "other"."""
+    zeros = set(re.findall(r"^\s*(%[\w#]+) = arith\.constant dense<0\.0+e\+00>", ttgir, re.M))
+    dots = _DOT.findall(ttgir)
+    carried = set(re.findall(r"(%[\w#]+) = ", " ".join(re.findall(r"iter_args\(([^)]*)\)", ttgir))))
+    kinds = {**{a: "carried" for a in carried}, **{res: "dot" for res, _ in dots}, **{z: "zero" for z in zeros}}
+    accs = [kinds.get(acc, "carried" if acc.startswith("%arg") else "other") for _, acc in dots]
+    copies = _COPY.findall(ptx)
+    return dict(
+        ld_global_16=len(_LD16.findall(ptx)),
+        cp_async=len(copies),
+        cp_async_16=sum(int(n, 0) == 16 for n in copies),
+        dot_acc=accs,
+    )
 
 
 def _cubin_facts(cubin: bytes) -> dict:

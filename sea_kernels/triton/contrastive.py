@@ -29,8 +29,8 @@ holds more than ``BWD_MAX_ROWS`` rows, so no ``N x N`` matrix exists beyond N = 
    ``H_ij = (P_row_ij - d_ij) + (P_col_ij - d_ij)`` (``P_row = softmax over j``, ``P_col =
    softmax over i``, ``d`` the identity) for the chunk's rows into a ``C x N`` float32 buffer
    (on the diagonal ``P - 1`` is ``expm1`` of ``log P``, by a short series: no cancellation when
-   pairs are aligned and ``P_ii`` is close to 1), and the tile's ``sum(H * l)`` (float32 per row,
-   float64 across rows; ``d scale = c / scale * sum_ij H_ij l_ij``).
+   pairs are aligned and ``P_ii`` is close to 1), and the tile's ``sum(H * cos)`` (float32 per row,
+   float64 across rows; ``d scale = c * sum_ij H_ij cos_ij``, finite at scale 0).
 2. ``_gemm_body``: ``U = (H * q) @ t`` (the chunk's rows; ``dL/dx_hat = scale c U``) and
    ``V += (H * r)^T @ x_chunk`` (all of ``t``'s rows, float32, accumulated over the chunks in a
    fixed order: deterministic, no atomics).
@@ -69,11 +69,24 @@ inputs: IEEE float32 products (``_launch.F32_DOT = "ieee"``, CUDA cores: about t
 float32 matmuls, with O(N) memory); ``"tf32x3"`` is faster and close to, but not provably within
 2x of, float32 (unverified). Accumulation is float32 everywhere. float64 inputs run the reference backend
 (no float64 kernels).
+Tensor cores do not round like IEEE: per 16-product block they align the products and the accumulator
+to the largest exponent and truncate, and the block's sum is truncated to float32 (Hopper's model:
+``tests/_gpu_dots.py``), so a long chain of blocks into one accumulator drifts toward zero by up to an
+ulp of it per block. The logits (``_cos_tile``, 16-bit operands) are therefore promoted: each ``BK``
+chunk's ``tl.dot`` starts from zero and is added to the float32 accumulator with a round-to-nearest
+add (``_add_rn``, opaque so that Triton cannot fold it back into the dot): without it the diagonal
+logits of aligned pairs at D = 4096 come out biased by -6e-6 relative, which breaks the loss and
+dscale checks. The gradient GEMMs are not promoted: their float32 results are rounded to the 16-bit
+input dtype, and the drift over their ``K / 16`` blocks (K = N for dx, at most ``BWD_MAX_ROWS`` per
+chunk for dt) stays about 10x below bfloat16's half ulp (2**-9 relative) up to N = 65536 in the
+model, below the "f16x1" rounding of ``a`` too. float16 inputs' gradient GEMMs are TF32 products
+(8-product blocks), not modelled: their drift may approach float16's half ulp from N ~ 32768.
 
 Tiles: autotuned over a few Hopper configs when ``N * N * D >= AUTOTUNE_MIN_WORK`` (the key
 buckets N by powers of two, since N changes every step); smaller calls, and the interpreter, use
-one fixed config and kernels not specialized on the sizes (no compile per new N).
-Under ``TRITON_INTERPRET=1`` every product is computed in float32 by NumPy.
+one fixed config and kernels not specialized on N (no compile per new N; D and the strides are).
+Under ``TRITON_INTERPRET=1`` every product is computed in float32 by NumPy (IEEE; the tests patch in
+the tensor cores' arithmetic, ``tests/_gpu_dots.py``).
 """
 
 from __future__ import annotations
@@ -101,6 +114,8 @@ BWD_MIN_ROWS = 32 if _INTERPRET else 512  # ... and at least this many (from N =
 # modes: the diagonal terms' rounding error added back exactly) is turned off only by the error study.
 BF16_GRAD_MODES = ("f16x1", "f16x1")
 BF16_EXACT_DIAGONAL = True
+# Promotion of the logits' 16-bit dots (see Precision); off only to show what it fixes (tests/test_tensor_cores.py).
+PROMOTE_16BIT = True
 FWD_SPLITS = None  # forward column splits; None: enough programs to fill the GPU (2 under the interpreter)
 
 FWD_GPU_BM = (128, 16)  # rows per forward program, 16-bit / float32 operands (the partial buffers depend on it)
@@ -116,11 +131,18 @@ def _bucket(n: int) -> int:
     return max(1, int(n) - 1).bit_length()
 
 
+def _promote(dtype: torch.dtype) -> bool:
+    """The ``PROMOTE`` of the logits kernels for operands of ``dtype``: 16-bit ones (tensor cores)."""
+    return PROMOTE_16BIT and dtype != torch.float32
+
+
 def _kernel(body, generic_args):
-    """Two JIT versions of one kernel body: ``specialized`` (Triton specializes integer arguments on
-    divisibility by 16, which software pipelining needs) for the autotuned large calls, and
-    ``generic`` (``do_not_specialize`` on the sizes) for small calls, so that sizes that change
-    every call (and test shapes) do not each cost a compile."""
+    """Two JIT versions of one kernel body: ``specialized`` (Triton specializes every integer argument
+    on divisibility by 16, which vector loads and software pipelining need) for the autotuned large
+    calls, and ``generic`` for small calls: ``do_not_specialize`` on ``generic_args``, the sizes that
+    change every call (N, row offsets, the tuning key), so that they do not each cost a compile. D and
+    the strides stay specialized (16-byte loads of 16-bit tiles where they are multiples of 16): that
+    costs one compile per divisibility class (multiple of 16, 1, other), not one per value."""
     return triton.jit(body), triton.jit(body, do_not_specialize=generic_args)
 
 
@@ -146,6 +168,22 @@ def _inv_norm_kernel(x_ptr, r_ptr, w_ptr, N, D, stride_x, EPS: tl.constexpr, BM:
     tl.store(w_ptr + rows, w, mask=rmask)
 
 
+_ASM_ADD = tl.constexpr(not _INTERPRET)  # inline PTX for _add_rn (the interpreter has none)
+
+
+@triton.jit
+def _add_rn(acc, part):
+    """``acc + part`` rounded to nearest. On a GPU an inline PTX ``add.rn.f32``, opaque to Triton, which
+    would otherwise fold ``acc + tl.dot(a, b)`` back into ``tl.dot(a, b, acc)``; the interpreter folds
+    nothing and has no inline assembly."""
+    if _ASM_ADD:
+        return tl.inline_asm_elementwise(
+            "add.rn.f32 $0, $1, $2;", "=r,r,r", [acc, part], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return acc + part
+
+
 @triton.jit
 def _cos_tile(
     x_ptr,
@@ -163,8 +201,10 @@ def _cos_tile(
     BN: tl.constexpr,
     BK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PROMOTE: tl.constexpr,
 ):
-    """``cos(x_rows, t_cols)`` as a ``BM x BN`` float32 tile (zeros outside the masks)."""
+    """``cos(x_rows, t_cols)`` as a ``BM x BN`` float32 tile (zeros outside the masks). ``PROMOTE``: each
+    ``BK`` chunk's product starts from zero and is added to ``acc`` rounded to nearest (see Precision)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_k = tl.arange(0, BK)
     xp = x_ptr + rows.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
@@ -173,7 +213,10 @@ def _cos_tile(
         kmask = (k0 + offs_k) < D
         a = tl.load(xp, mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(tp, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        if PROMOTE:
+            acc = _add_rn(acc, tl.dot(a, b, input_precision=DOT_PREC))
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         xp += BK
         tp += BK
     rx = tl.load(rx_ptr + rows, mask=rmask, other=0.0)
@@ -202,6 +245,7 @@ def _fwd_body(
     TUNE_KEY,
     BM: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PROMOTE: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
@@ -219,12 +263,10 @@ def _fwd_body(
     for cb in range(split, tl.cdiv(N, BN), n_splits):
         cols = cb * BN + tl.arange(0, BN)
         cmask = cols < N
-        z = (
-            _cos_tile(
-                x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t, BM, BN, BK, DOT_PREC
-            )
-            * scale
+        cos = _cos_tile(
+            x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t, BM, BN, BK, DOT_PREC, PROMOTE
         )
+        z = cos * scale
         z = tl.where(rmask[:, None] & cmask[None, :], z, float("-inf"))
         # rows: online max and sum (masked rows keep max -inf, hence m_use)
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -296,13 +338,14 @@ def _probs_body(
     stride_h,
     TUNE_KEY,
     DOT_PREC: tl.constexpr,
+    PROMOTE: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """``H = (P_row - I) + (P_col - I)`` for rows ``row0 .. row0 + n_rows`` (local row index in ``h``),
-    ``sum(H * l)`` of the tile at ``ds_ptr[program id]`` and ``max |H|`` at ``hmax_ptr[program id]``."""
+    ``sum(H * cos)`` of the tile at ``ds_ptr[program id]`` and ``max |H|`` at ``hmax_ptr[program id]``."""
     pid = tl.program_id(0)
     pid_m, pid_n = _swizzle(pid, tl.cdiv(n_rows, BM), tl.cdiv(N, BN), GROUP_M)
     rows_local = pid_m * BM + tl.arange(0, BM)
@@ -311,10 +354,10 @@ def _probs_body(
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
     scale = tl.load(scale_ptr).to(tl.float32)
-    z = (
-        _cos_tile(x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t, BM, BN, BK, DOT_PREC)
-        * scale
+    cos = _cos_tile(
+        x_ptr, t_ptr, rx_ptr, rt_ptr, rows, cols, rmask, cmask, D, stride_x, stride_t, BM, BN, BK, DOT_PREC, PROMOTE
     )
+    z = cos * scale
     mr = tl.load(row_m_ptr + rows, mask=rmask, other=0.0)
     lr = tl.load(row_ls_ptr + rows, mask=rmask, other=0.0)
     mc = tl.load(col_m_ptr + cols, mask=cmask, other=0.0)
@@ -332,8 +375,9 @@ def _probs_body(
     mask = rmask[:, None] & cmask[None, :]
     hp = h_ptr + rows_local.to(tl.int64)[:, None] * stride_h + cols[None, :]
     tl.store(hp, h, mask=mask)
-    # sum(H * l) of the tile: float32 over each row, float64 across rows (d scale = c * sum(H l) / scale)
-    tl.store(ds_ptr + pid, tl.sum(tl.sum(tl.where(mask, h * z, 0.0), 1).to(tl.float64), 0))
+    # sum(H * cos) of the tile (d scale = c * sum(H cos), finite at scale 0): float32 over each row,
+    # float64 across rows
+    tl.store(ds_ptr + pid, tl.sum(tl.sum(tl.where(mask, h * cos, 0.0), 1).to(tl.float64), 0))
     tl.store(hmax_ptr + pid, tl.max(tl.max(tl.where(mask, tl.abs(h), 0.0), 1), 0))
 
 
@@ -468,7 +512,7 @@ def _normalize_bwd_kernel(
 # goes through registers, so 256-wide tiles, ``BK`` 64 and, on sm_80, anything past 128 x 64 spill.
 
 
-_FWD = _kernel(_fwd_body, ["row0", "row_end", "N", "D", "stride_x", "stride_t", "n_splits", "TUNE_KEY"])
+_FWD = _kernel(_fwd_body, ["row0", "row_end", "N", "n_splits", "TUNE_KEY"])
 _FWD_TUNED = tuner(
     _FWD[0],
     ["TUNE_KEY", "D"],
@@ -483,11 +527,13 @@ _FWD_TUNED = tuner(
     ],
     "x_ptr",
 )
-# The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py).
-FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=8, stages=2), dict(BN=64, BK=16, warps=4, stages=2))
+# The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py; float32, one
+# stage: with two, ptxas spills on sm_80 once D and the strides are specialized, and a register cap that
+# stops it makes the kernel on other D spill).
+FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=8, stages=2), dict(BN=64, BK=16, warps=4, stages=1))
 _FWD_FIXED = [config(dict(BN=32, BK=16) if _INTERPRET else c) for c in FWD_GPU_FIXED]
 
-_PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "D", "stride_x", "stride_t", "stride_h", "TUNE_KEY"])
+_PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "TUNE_KEY"])
 _PROBS_TUNED = tuner(
     _PROBS[0],
     ["TUNE_KEY", "D"],
@@ -511,7 +557,7 @@ _PROBS_FIXED = [config(dict(BM=32, BN=16, BK=16, GROUP_M=2) if _INTERPRET else c
 _PROBS_MIN_BM = min(c.kwargs["BM"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 _PROBS_MIN_BN = min(c.kwargs["BN"] for c in _PROBS_TUNED.configs + _PROBS_FIXED)
 
-_GEMM = _kernel(_gemm_body, ["M", "NO", "K", "stride_am", "stride_ak", "stride_bk", "stride_cm", "TUNE_KEY"])
+_GEMM = _kernel(_gemm_body, ["M", "K", "TUNE_KEY"])
 _GEMM_TUNED = tuner(
     _GEMM[0],
     ["TUNE_KEY", "NO"],
@@ -618,6 +664,7 @@ def _forward_stats(x, t, rx, rt, scale):
             TUNE_KEY=_bucket(n),
             BM=bm,
             DOT_PREC=prec,
+            PROMOTE=_promote(x.dtype),
         )
         row_m[r0:r1], row_ls[r0:r1] = _merge(rm, rl, 0)
         if col_m is not None:  # the earlier chunks' columns, in the spare last row
@@ -728,7 +775,7 @@ def _operands(x, t, rx, rt) -> tuple[_Operand, _Operand]:
 
 
 def _probs(x, t, rx, rt, scale, stats, h, r0, m, big):
-    """``H`` of rows ``r0 .. r0 + m`` into ``h`` (``_probs_body``); returns ``sum(H * l)`` (float64) and
+    """``H`` of rows ``r0 .. r0 + m`` into ``h`` (``_probs_body``); returns ``sum(H * cos)`` (float64) and
     ``max |H|`` (float32), 0-d."""
     n, d = x.shape
     parts = triton.cdiv(m, _PROBS_MIN_BM) * triton.cdiv(n, _PROBS_MIN_BN)
@@ -762,6 +809,7 @@ def _probs(x, t, rx, rt, scale, stats, h, r0, m, big):
         stride_h=h.stride(0),
         TUNE_KEY=_bucket(m) * 64 + _bucket(n),
         DOT_PREC=dot_precision(x.dtype),
+        PROMOTE=_promote(x.dtype),
     )
     return ds.sum(), hmax.max()
 
@@ -798,8 +846,8 @@ class _ContrastiveLoss(torch.autograd.Function):
         dev = x.device
         f32 = torch.float32
         c = grad.to(f32) * (0.5 / n)  # dL/dl = c * H
-        s = scale.detach().to(f32)
-        coef = (s * c).reshape(())  # dL/dx_hat = coef * U with U = (H * q) @ t; likewise for t with V
+        # dL/dx_hat = coef * U with U = (H * q) @ t; likewise for t with V
+        coef = (scale.detach().to(f32) * c).reshape(())
         dx = torch.empty_like(x) if need_x else None
         dt = torch.empty_like(t) if need_t else None
         v = torch.empty((n, d), dtype=f32, device=dev) if need_t else None
@@ -822,7 +870,7 @@ class _ContrastiveLoss(torch.autograd.Function):
                 _gemm(h, 1, h.stride(0), op_x.rows(r0, r1, hmax), v, n, m, -r0, accumulate=r0 > 0, big=big)
         if need_t:
             _finish(v, t, rt, wt, coef, dt)
-        dscale = (c.double() / s.double() * torch.stack(ds_parts).sum()).to(scale.dtype) if need_s else None
+        dscale = (c.double() * torch.stack(ds_parts).sum()).to(scale.dtype) if need_s else None
         return dx, dt, dscale
 
 
