@@ -21,8 +21,8 @@ def bench_rows() -> list[dict]:
 def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
-    from sea_kernels.bench.report import add_ratios, format_table, stage1_lines
-    from sea_model.bench.cases import summary
+    from sea_model.bench.report import add_ratios, format_table, stage1_lines
+    from sea_model.bench.stage1_cases import summary
 
     rows = add_ratios(list(_ROWS))
     tr = terminalreporter

@@ -89,7 +89,7 @@ step 210 "tests on the GPU (pytest-xdist, $workers workers of $threads threads)"
   tests/test_triton_gpu.py tests/test_triton_labels.py tests/test_triton_contrastive.py \
   tests/test_labels.py tests/test_contrastive.py
 step 210 "sea bench --sizes quick --device cuda" \
-  python3 -m sea_model.cli bench --sizes quick --device cuda --out "$out/bench" --no-progress
+  python3 -m sea_model.commands.cli bench --sizes quick --device cuda --out "$out/bench" --no-progress
 echo "=== summary (deadline 20s)" | tee -a "$log"
 timeout 20 python3 benchmarks/gpu_summary.py "$out" | tee -a "$log"
 status=${PIPESTATUS[0]}

@@ -7,7 +7,7 @@ Without a GPU the kernels run under ``TRITON_INTERPRET=1`` with bfloat16 dots co
 (``tests/_gpu_dots.py``: exact products, float32 accumulation, round-to-nearest casts; float16 dots
 and casts are the interpreter's own, which compute them so), with the GPU's fixed tile sizes
 (64 x 64 x 32; the tests' small interpreter tiles only change the float32 summation order, and run
-6x slower). For every case (``N``, ``D``, scale, kind of pairs) it measures the max error against
+slower). For every case (``N``, ``D``, scale, kind of pairs) it measures the max error against
 float64 (inputs: the same bfloat16 numbers) of the loss, dx, dt and dscale for the eager bfloat16
 reference and for each mode, and applies the project's rule (``tests._checks.rule``: at most 2x the
 reference's error plus a floor). The loss and dscale do not depend on the mode (the GEMMs only make

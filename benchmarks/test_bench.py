@@ -3,9 +3,9 @@
 One group per op and size (``topk``, ``labels``, ``loss``, ``stage1``), every backend in it: the
 reference (eager PyTorch; for ``stage1``, the training step with SEA off) is the baseline the
 summary at the end compares with. Each case also records the extra peak RSS of one call, measured
-in a fresh process (:func:`sea_kernels.bench.memory.extra_peak_bytes`)::
+in a fresh process (:func:`sea_model.bench.memory.extra_peak_bytes`)::
 
-    pytest benchmarks/ --benchmark-only                   # the quick sizes (a few minutes on 2 cores)
+    pytest benchmarks/ --benchmark-only                   # the quick sizes
     pytest benchmarks/ --benchmark-only -k "labels"       # one op
     SEA_BENCH_SIZES=full pytest benchmarks/ --benchmark-only   # the paper's shapes (opt-in, long)
     SEA_BENCH_MEMORY=0 ...                                # no peak-memory subprocesses
@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from sea_kernels.bench.memory import extra_peak_bytes
 from sea_model.bench import CASE_SETS
+from sea_model.bench.memory import extra_peak_bytes
 
 MODE = os.environ.get("SEA_BENCH_SIZES", "quick")
 MEMORY = os.environ.get("SEA_BENCH_MEMORY", "1") not in ("", "0")

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from sea_model import tiny
+from sea_model import tiny_models as tiny
 from sea_model.hf import LlavaSEA, SEATrainer
 
 # The SEA vocabulary and the captions' words (a real run: the paper's 41k-word list).

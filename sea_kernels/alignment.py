@@ -13,11 +13,17 @@ from torch import nn
 
 from . import _distributed
 from ._common import TensorCache, compute_dtype
-from .contrastive import connected_zero, contrastive_loss, masked_contrastive_loss
+from .contrastive import contrastive_loss, masked_contrastive_loss
 from .dedup import check_token_ids, dedup_mask, full_table, mean_embeddings
 from .dispatch import BACKENDS
-from .labels import PatchLabels, patch_labels
+from .labels import patch_labels
+from .reference import PatchLabels, connected_zero
 from .validation import check_feature_dims, check_finite, check_int, check_int_tensor, check_tensor
+
+# How a call computes the loss (SEAAlignmentLoss._mode decides it once per call).
+FIXED_SHAPES = "fixed shapes"  # the reference backend, and traced code: every window with a 0/1 weight
+KEPT_ROWS = "kept rows"  # eager fused backends: only the kept pairs reach the kernels
+OVER_RANKS = "over ranks"  # a process group: negatives gathered from every rank (eager)
 
 
 class SEAAlignmentOutput(NamedTuple):
@@ -27,7 +33,7 @@ class SEAAlignmentOutput(NamedTuple):
     no pair entered. ``pair_count``: 0-d int64 tensor, the pairs that entered the loss (over all
     ranks with ``group``); ``pairs`` is the same as a Python int (reading it waits for the
     device). ``scale``: the ``1 / tau`` used (detached). ``labels``: the per-window
-    :class:`~sea_kernels.labels.PatchLabels`, each ``(B, n_windows)``. ``keep``: ``(B, n_windows)``
+    :class:`~sea_kernels.reference.PatchLabels`, each ``(B, n_windows)``. ``keep``: ``(B, n_windows)``
     bool, the windows whose pair entered the loss.
     """
 
@@ -62,15 +68,15 @@ class SEAAlignmentLoss(nn.Module):
     ``SEAAlignmentLoss`` passes its own value. Pass ``negate=False`` for towers whose patch
     features are not inverted (e.g. SigLIP's head value path, if that suits your data).
 
-    The forward pass adds no host synchronization and has no data-dependent shapes when
-    ``group`` is None and the backend is ``reference`` (every window goes to the loss with a 0/1
-    weight; dedup sorts on fixed shapes; ``pair_count`` is a tensor), and a function calling it
-    compiles whole under ``torch.compile(fullgraph=True)`` (the fused kernels run as custom ops
-    ``sea::patch_labels`` and ``sea::contrastive_loss_masked``; tested with ``reference`` and
-    ``cpu``). The fused
-    backends hand the kept rows to their kernels (one sync on GPUs, memory O(kept rows)). The
-    vocabulary (finite features, token ids inside the embedding table) is checked in eager calls,
-    once per version of those tensors; compiled code skips that check.
+    Each call computes the loss in one of three modes, decided once (:meth:`_mode`): fixed shapes
+    (the ``reference`` backend, and traced code: every window goes to the loss with a 0/1 weight,
+    dedup sorts on fixed shapes, ``pair_count`` is a tensor; with ``reference`` no host sync at all),
+    kept rows (eager fused backends hand only the kept rows to their kernels: one sync on GPUs, memory
+    O(kept rows)) and over ranks (``group``, eager). A function calling it compiles whole under
+    ``torch.compile(fullgraph=True)`` (the fused kernels run as the custom ops of
+    :mod:`sea_kernels._custom_ops`; tested with ``reference`` and ``cpu``). The vocabulary (finite
+    features, token ids inside the embedding table) is checked in eager calls, once per version of
+    those tensors; compiled code skips that check.
     """
 
     def __init__(
@@ -143,12 +149,42 @@ class SEAAlignmentLoss(nn.Module):
         ``embedding_weight``'s dtype; the loss is float32 (float64).
         """
         _check_inputs(visual_tokens, patch_features, vocab_features, word_token_ids, embedding_weight)
+        mode = self._mode(group)
         finite = self._patch_features_finite(patch_features)
+        labels = self._labels(patch_features, vocab_features, word_token_ids, embedding_weight, grid, generator)
+        with torch.no_grad():
+            keep = self._keep(labels, generator, group)
+        scale = self.scale()
+        pairs = (visual_tokens, labels, keep, word_token_ids, full_table(embedding_weight), scale)  # FSDP2: gathered
+        if mode == OVER_RANKS:
+            loss, pair_count = self._loss_over_ranks(*pairs, group)
+        elif mode == FIXED_SHAPES:
+            loss, pair_count = self._fixed_shape_loss(*pairs), keep.sum()
+        else:
+            loss, pair_count = self._kept_rows_loss(*pairs), keep.sum()
+        if finite is not None:  # every mode: non-finite features make the loss NaN, never a finite number
+            loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+        return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
+
+    def _mode(self, group) -> str:
+        """How this call computes the loss, decided once: :data:`OVER_RANKS` with a process group (eager:
+        row counts differ between ranks); :data:`FIXED_SHAPES` with the ``reference`` backend and in traced
+        code (every window, weighted by ``keep``: no host sync, no data-dependent shape); else
+        :data:`KEPT_ROWS` (eager fused backends: the kept pairs only, one sync on GPUs)."""
+        if group is not None:
+            return OVER_RANKS
+        if self.backend == "reference" or torch.compiler.is_compiling():
+            return FIXED_SHAPES
+        return KEPT_ROWS
+
+    def _labels(self, patch_features, vocab_features, word_token_ids, embedding_weight, grid, generator) -> PatchLabels:
+        """The per-window labels; the vocabulary checked in eager calls (once per version) and cast to the
+        scoring dtype (:meth:`_vocabulary_for`)."""
         if not torch.compiler.is_compiling():  # traced code skips it: run one eager call first
             self._check_vocabulary(vocab_features, word_token_ids, embedding_weight.shape[0])
         vocab = self._vocabulary_for(vocab_features, patch_features.dtype)
         with torch.no_grad():
-            labels = patch_labels(
+            return patch_labels(
                 patch_features.detach(),
                 vocab,
                 grid=grid,
@@ -157,39 +193,27 @@ class SEAAlignmentLoss(nn.Module):
                 negate=self.negate,
                 generator=generator,
                 backend=self.backend,
-                validate=False,  # checked above; the vocabulary once per version
+                validate=False,  # checked by the caller; the vocabulary once per version
             )
-            keep = self._keep(labels, generator, group)
-        scale = self.scale()
-        embedding_weight = full_table(embedding_weight)  # an FSDP2-sharded table: gathered
-        pairs = (visual_tokens, labels, keep, word_token_ids, embedding_weight, scale)
-        if group is not None:
-            loss, pair_count = self._loss_over_ranks(*pairs, group)
-        else:
-            loss, pair_count = self._local_loss(*pairs), keep.sum()
-        if finite is not None:  # every mode: non-finite features make the loss NaN, never a finite number
-            loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
-        return SEAAlignmentOutput(loss, pair_count, scale.detach(), labels, keep)
 
-    def _local_loss(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale):
-        """The loss over this rank's kept pairs. ``reference`` backend and traced code: every window
-        goes to the loss, weighted by ``keep`` (fixed shapes, no host sync). Eager fused backends: the
-        kept pairs only, gathered once (their kernels take the kept rows; one sync on GPUs)."""
-        if self.backend == "reference" or torch.compiler.is_compiling():
-            b, nw = keep.shape
-            rows = torch.arange(b, device=keep.device)[:, None].expand(b, nw)
-            x = visual_tokens[rows, labels.patch.clamp(min=0)].reshape(b * nw, -1)
-            t = mean_embeddings(labels.label.clamp(min=0).reshape(-1), word_token_ids.to(x.device), embedding_weight)
-            dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
-            return masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
+    def _fixed_shape_loss(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale):
+        """:data:`FIXED_SHAPES`: every window goes to the loss, weighted by ``keep``."""
+        b, nw = keep.shape
+        rows = torch.arange(b, device=keep.device)[:, None].expand(b, nw)
+        x = visual_tokens[rows, labels.patch.clamp(min=0)].reshape(b * nw, -1)
+        t = mean_embeddings(labels.label.clamp(min=0).reshape(-1), word_token_ids.to(x.device), embedding_weight)
+        dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
+        return masked_contrastive_loss(x, t, keep.reshape(-1), scale.to(dtype), backend=self.backend)
+
+    def _kept_rows_loss(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale):
+        """:data:`KEPT_ROWS`: the kept pairs only, gathered once (the fused kernels take the kept rows)."""
         x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)
         if x.shape[0] == 0:
             return connected_zero(x, t, scale)
         return contrastive_loss(x, t, scale, backend=self.backend, validate=False)
 
     def _loss_over_ranks(self, visual_tokens, labels, keep, word_token_ids, embedding_weight, scale, group):
-        """The loss with negatives from every rank (eager: row counts differ between ranks) and the pair
-        count over ranks."""
+        """:data:`OVER_RANKS`: the loss with negatives from every rank, and the pair count over ranks."""
         pairs = sum(_distributed.gather_sizes(int(keep.sum()), group, keep.device))
         pair_count = torch.tensor(pairs, device=keep.device)
         x, t = _kept_pairs(visual_tokens, labels, keep, word_token_ids, embedding_weight)

@@ -2,18 +2,27 @@
 
 Backends receive ``x`` ``(N, D)``, ``t`` ``(N, D)`` (the global rows when a process group is
 given) and ``scale`` as a 0-d tensor in the accumulation dtype that may require grad, and return
-the 0-d loss, differentiable with respect to all three.
+the 0-d loss, differentiable with respect to all three. The definitions (``*_reference``) live in
+:mod:`sea_kernels.reference` and are importable from here too.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import _distributed
+from . import _custom_ops, _distributed
 from ._common import compute_dtype
 from .dispatch import resolve
+from .reference import connected_zero, contrastive_loss_reference, masked_contrastive_loss_reference
 from .validation import check_finite, check_same_device, check_tensor
+
+__all__ = [
+    "contrastive_loss",
+    "masked_contrastive_loss",
+    "contrastive_loss_reference",
+    "masked_contrastive_loss_reference",
+    "connected_zero",
+]
 
 
 def contrastive_loss(x, t, scale, *, group=None, backend="auto", validate=True) -> torch.Tensor:
@@ -55,98 +64,17 @@ def masked_contrastive_loss(x, t, keep, scale, *, backend="auto") -> torch.Tenso
 
     ``x``, ``t`` ``(N, D)``, ``keep`` bool ``(N,)``, ``scale`` a 0-d tensor in the accumulation
     dtype. Rows that are not kept take no part (not as pairs, not as negatives) and get zero
-    gradients; no kept row gives a zero loss, still connected to the graph. No host sync and no
-    data-dependent shape with the ``reference`` backend, which masks the ``N x N`` logits. The
-    fused backends get the kept rows (``x[keep]``: one host sync on GPUs, and their memory stays
-    O(kept rows)); under ``torch.compile`` they run inside a custom op
-    (``sea::contrastive_loss_masked``, whose backward recomputes the forward), so the function
-    traces with ``fullgraph=True``. No validation (an internal step of ``SEAAlignmentLoss``).
+    gradients; no kept row gives a zero loss, still connected to the graph. Returns the 0-d loss.
+    No host sync and no data-dependent shape with the ``reference`` backend, which masks the
+    ``N x N`` logits. The fused backends get the kept rows (``x[keep]``: one host sync on GPUs, and
+    their memory stays O(kept rows)); under ``torch.compile`` they run inside a custom op
+    (``sea::contrastive_loss_masked``, whose backward recomputes the forward: see
+    :mod:`sea_kernels._custom_ops`), so the function traces with ``fullgraph=True``. No validation
+    (an internal step of ``SEAAlignmentLoss``).
     """
     if backend == "reference":
         return masked_contrastive_loss_reference(x, t, keep, scale)
-    if not torch.compiler.is_compiling():
-        return _kept_loss(x, t, keep, scale, backend)  # eager: the backend's own backward, no recompute
-    return torch.ops.sea.contrastive_loss_masked(x, t, keep, scale, backend)
-
-
-def masked_contrastive_loss_reference(x, t, keep, scale) -> torch.Tensor:
-    dtype = scale.dtype
-    logits = scale * (F.normalize(x.to(dtype), dim=-1) @ F.normalize(t.to(dtype), dim=-1).T)
-    # Masked entries get the smallest finite value: exp() of it minus any real logit is exactly 0.
-    hidden = torch.finfo(dtype).min
-    rows = torch.where(keep[None, :], logits, hidden)  # row i's softmax over kept columns
-    cols = torch.where(keep[:, None], logits, hidden)  # column j's softmax over kept rows
-    diag = logits.diagonal()
-    ce = (rows.logsumexp(1) - diag) + (cols.logsumexp(0) - diag)
-    ce = torch.where(keep, ce, torch.zeros_like(ce))  # (not a product: masked rows may be -inf)
-    return 0.5 * ce.sum() / keep.sum().clamp(min=1).to(dtype)
-
-
-# ----------------------------------------------------------------------------- custom ops
-# The fused backends (C++, Triton) are opaque to torch.compile: they run inside custom ops with
-# fake (shape-only) implementations. The masked loss's backward recomputes the forward under
-# autograd inside its own op (the custom-op machinery turns autograd off in an op's body).
-
-
-def _autograd_inside_op():
-    include = torch._C._dispatch_tls_local_include_set()
-    return torch._C._ForceDispatchKeyGuard(include, torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined))
-
-
-def connected_zero(x, t, scale) -> torch.Tensor:
-    """A zero loss in the accumulation dtype, connected to ``x``, ``t`` and ``scale`` (zero gradients):
-    the loss when no pair is kept."""
-    dtype = compute_dtype(torch.promote_types(x.dtype, t.dtype))
-    return (x.sum() + t.sum()).to(dtype) * 0.0 + scale.to(dtype) * 0.0
-
-
-def _kept_loss(x, t, keep, scale, backend):
-    kept = keep.nonzero().squeeze(1)
-    if kept.numel() == 0:
-        return connected_zero(x, t, scale)
-    return resolve("contrastive_loss", backend, x.device)(x[kept], t[kept], scale)
-
-
-@torch.library.custom_op("sea::contrastive_loss_masked", mutates_args=())
-def _masked_op(x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, backend: str) -> torch.Tensor:
-    with torch.no_grad():
-        return _kept_loss(x, t, keep, scale, backend).detach().clone()
-
-
-@_masked_op.register_fake
-def _(x, t, keep, scale, backend):
-    return scale.new_empty(())
-
-
-@torch.library.custom_op("sea::contrastive_loss_masked_backward", mutates_args=())
-def _masked_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _autograd_inside_op(), torch.enable_grad():
-        leaves = [v.detach().requires_grad_() for v in (x, t, scale)]
-        loss = _kept_loss(*leaves[:2], keep, leaves[2], backend)
-        grads = torch.autograd.grad(loss, leaves, grad, allow_unused=True)
-    return tuple(torch.zeros_like(v) if g is None else g.detach() for v, g in zip(leaves, grads))
-
-
-@_masked_backward_op.register_fake
-def _(grad, x, t, keep, scale, backend):
-    return torch.empty_like(x), torch.empty_like(t), torch.empty_like(scale)
-
-
-def _masked_setup(ctx, inputs, output):
-    x, t, keep, scale, backend = inputs
-    ctx.save_for_backward(x, t, keep, scale)
-    ctx.backend = backend
-
-
-def _masked_backward(ctx, grad):
-    x, t, keep, scale = ctx.saved_tensors
-    gx, gt, gs = torch.ops.sea.contrastive_loss_masked_backward(grad, x, t, keep, scale, ctx.backend)
-    return gx, gt, None, gs, None
-
-
-_masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
+    return _custom_ops.masked_contrastive_loss(x, t, keep, scale, backend)
 
 
 def _as_scale(scale, dtype, device, validate: bool) -> torch.Tensor:
@@ -167,10 +95,3 @@ def _as_scale(scale, dtype, device, validate: bool) -> torch.Tensor:
     if not (value > 0 and value < float("inf")):
         raise ValueError(f"scale must be positive and finite; got {value}")
     return scale
-
-
-def contrastive_loss_reference(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    dtype = scale.dtype
-    logits = scale * (F.normalize(x.to(dtype), dim=-1) @ F.normalize(t.to(dtype), dim=-1).T)
-    target = torch.arange(x.shape[0], device=x.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

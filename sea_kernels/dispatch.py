@@ -25,17 +25,17 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 # op -> backend -> "module:function". A backend that is not listed does not exist for the op.
 _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "cosine_topk": {
-        "reference": "sea_kernels.labels:cosine_topk_reference",
+        "reference": "sea_kernels.reference:cosine_topk_reference",
         "triton": "sea_kernels.triton.labels:cosine_topk",
         "cpu": "sea_kernels.cpu.labels:cosine_topk",
     },
     "patch_labels": {
-        "reference": "sea_kernels.labels:patch_labels_reference",
+        "reference": "sea_kernels.reference:patch_labels_reference",
         "triton": "sea_kernels.triton.labels:patch_labels",
         "cpu": "sea_kernels.cpu.labels:patch_labels",
     },
     "contrastive_loss": {
-        "reference": "sea_kernels.contrastive:contrastive_loss_reference",
+        "reference": "sea_kernels.reference:contrastive_loss_reference",
         "triton": "sea_kernels.triton.contrastive:contrastive_loss",
         "cpu": "sea_kernels.cpu.contrastive:contrastive_loss",
     },

@@ -1,44 +1,38 @@
-"""The run configuration and its one deserializer.
+"""Every configuration of a run, as plain dataclasses with their checks, and their one deserializer.
 
-:class:`RunConfig` has three sections, ``model`` (:class:`~sea_model.model.ModelConfig`), ``data``
-(:class:`DataConfig`) and ``train`` (:class:`TrainConfig`). A YAML file gives any of them; every
-field can then be overridden on the command line by its dotted name::
+A run (:class:`RunConfig`) has three sections: ``model`` (:class:`ModelConfig`, with its
+:class:`VisionConfig` and :class:`SEAConfig`), ``data`` (:class:`DataConfig`) and ``train``
+(:class:`TrainConfig`). :func:`from_dict` builds any of them from a nested dict (YAML, a
+checkpoint's ``config.json``, the command line), converting leaves to the annotated types and
+naming unknown keys. :meth:`RunConfig.resolved` fills ``None`` fields of ``train`` with the stage's
+default (:data:`STAGE_DEFAULTS`, LLaVA-1.5's, written here once) and runs every section's
+``check``. Reading a run's configuration from files and the command line:
+:mod:`sea_model.training.run_config`.
 
-    sea train --stage 1 --config configs/stage1.yaml --train.lr 1e-3 --model.sea.enabled false \\
-        --data.json_path data/blip_laion_cc_sbu_558k.json --model.llm.hidden_size 64
-
-Values are read as YAML scalars (``false``, ``null``, ``1e-3``, ``[1, 2]``) and converted to the
-field's type by :func:`from_dict` (which :meth:`ModelConfig.from_dict
-<sea_model.model.ModelConfig.from_dict>` uses too). Precedence: defaults < the model config of
-``init_from`` (or the whole saved run config of ``resume``) < the file < the command line
-(:func:`load_run_config`). ``None`` fields of ``train`` take the stage's default from
-:data:`STAGE_DEFAULTS` (LLaVA-1.5's), written here once.
-
-This module imports neither torch nor the model, so ``sea --help`` stays instant.
+Torch-free and importing no other part of sea_model, so that ``sea --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-
-if typing.TYPE_CHECKING:
-    from .model import ModelConfig
 
 STAGE_DEFAULTS = {
     1: {"lr": 1e-3, "global_batch_size": 256, "micro_batch_size": 32, "template": "plain"},
     2: {"lr": 2e-5, "global_batch_size": 128, "micro_batch_size": 16, "template": "auto"},
 }
-
-
-TEMPLATES = ("plain", "chat", "vicuna_v1", "auto")  # conversation templates (sea_model.data)
+TEMPLATES = ("plain", "chat", "vicuna_v1", "auto")  # conversation templates (sea_model.prompts)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model may be loaded in
+ASPECT_RATIOS = ("pad", "square", "crop")
+LIBRARIES = ("auto", "open_clip", "transformers")
+SELECT_STRATEGIES = ("default", "full")
 
 
 def stage_defaults_text() -> str:
@@ -50,17 +44,157 @@ def stage_defaults_text() -> str:
     )
 
 
-def _model_config():
-    from .model import ModelConfig
+def _require(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}; got {value!r}")
 
-    return ModelConfig()
+
+def _positive(x) -> bool:
+    return math.isfinite(x) and x > 0
 
 
-def _type_names() -> dict:
-    """Names the annotations here refer to that are imported only when needed."""
-    from .model import ModelConfig
+def _non_negative(x) -> bool:
+    return math.isfinite(x) and x >= 0
 
-    return {"ModelConfig": ModelConfig}
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class VisionConfig:
+    """How to build the vision tower (a plain dataclass, JSON-serialisable with ``asdict``).
+
+    Args:
+        name: an open_clip model name (``"ViT-L-14-336-quickgelu"``), or an ``hf-hub:`` /
+            ``local-dir:`` identifier; with ``model_cfg`` it is only a label. With
+            ``library="transformers"``: a Hugging Face model name or local folder
+            (``"openai/clip-vit-large-patch14-336"``, LLaVA-1.5's ``--vision_tower``).
+        pretrained: a pretrained tag (``"openai"``; downloads), a local checkpoint file, or None
+            for random weights. With ``library="transformers"``: None builds random weights from
+            the config at ``name``, anything else loads the weights at ``name``.
+        model_cfg: an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``)
+            used instead of the built-in config of ``name``.
+        preprocess_cfg: overrides of open_clip's preprocessing config (``mean``, ``std``,
+            ``interpolation``, ...).
+        select_layer: the hidden-state layer the adapter reads (HF indexing, default -2); a list
+            of layers (Hugging Face towers only) concatenates them on the feature axis.
+        select_strategy: ``"default"`` (drop the first token: CLIP's CLS) or ``"full"`` (keep all
+            tokens; Hugging Face towers only), as Llava's ``vision_feature_select_strategy``.
+        library: ``"open_clip"``, ``"transformers"``, or ``"auto"``: ``transformers`` when ``name``
+            is a local folder with a ``config.json`` or a ``org/model`` hub name, else ``open_clip``.
+        image_aspect_ratio: ``"pad"`` (LLaVA-1.5: expand to a square with the mean colour, then
+            resize), ``"square"`` (resize to a square, ignoring the aspect ratio) or ``"crop"``
+            (open_clip's default: resize the short side, centre crop).
+    """
+
+    name: str = "ViT-L-14-336-quickgelu"
+    pretrained: str | None = "openai"
+    model_cfg: dict | None = None
+    preprocess_cfg: dict = field(default_factory=dict)
+    select_layer: int | list[int] = -2
+    image_aspect_ratio: str = "pad"
+    select_strategy: str = "default"
+    library: str = "auto"
+
+    def resolved_library(self) -> str:
+        """``"open_clip"`` or ``"transformers"`` (see ``library``)."""
+        if self.library not in LIBRARIES:
+            raise ValueError(f"vision.library must be one of {LIBRARIES}; got {self.library!r}")
+        if self.library != "auto":
+            return self.library
+        if self.model_cfg is None and not self.name.startswith(("hf-hub:", "local-dir:")):
+            if os.path.isfile(os.path.join(self.name, "config.json")) or (
+                "/" in self.name and not os.path.exists(self.name)
+            ):
+                return "transformers"
+        return "open_clip"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VisionConfig:
+        return from_dict(cls, d, "vision")
+
+
+@dataclass
+class SEAConfig:
+    """SEA options. ``weight`` is the lambda of ``loss = L_gen + lambda * L_align``; ``top_n``
+    ... ``backend`` go to ``SEAAlignmentLoss`` (``min_scale``/``max_scale`` clamp ``1 / tau``:
+    ``0.01 <= tau <= 100`` by default); ``words`` (a word-list file, None = wordfreq's
+    top ``vocab_size``), ``template`` and ``cache_dir`` define the vocabulary."""
+
+    enabled: bool = True
+    weight: float = 1.0
+    top_n: int = 10
+    window: int = 2
+    negate: bool = True
+    dedup: bool = True
+    init_log_scale: float = 0.0
+    max_scale: float = 100.0
+    min_scale: float = 0.01
+    backend: str = "auto"
+    words: str | None = None
+    vocab_size: int = 41_242
+    template: str = "{}"
+    cache_dir: str | None = None
+
+    def loss_kwargs(self) -> dict:
+        keys = ("top_n", "window", "negate", "dedup", "init_log_scale", "max_scale", "min_scale", "backend")
+        return {k: getattr(self, k) for k in keys}
+
+    def check(self) -> None:
+        """The loss weight, label counts and the temperature's clamps (NaN refused)."""
+        _require(_non_negative(self.weight), "model.sea.weight", "a finite number >= 0", self.weight)
+        _require(self.top_n >= 1, "model.sea.top_n", ">= 1", self.top_n)
+        _require(self.window >= 1, "model.sea.window", ">= 1", self.window)
+        _require(_positive(self.max_scale), "model.sea.max_scale", "a finite number > 0", self.max_scale)
+        rule = f"a finite number in (0, max_scale = {self.max_scale}]"
+        ok = _positive(self.min_scale) and self.min_scale <= self.max_scale
+        _require(ok, "model.sea.min_scale", rule, self.min_scale)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a :class:`~sea_model.model.SEAModel` (weights aside).
+
+    Args:
+        vision: the tower (:class:`VisionConfig`).
+        llm: a hub name or local directory (``from_pretrained``), or an HF config dict with
+            ``model_type`` (random weights, ``from_config``).
+        tokenizer: a hub name or directory; defaults to ``llm`` when that is a name.
+        adapter: ``"mlp{n}x_gelu"`` (LLaVA-1.5: ``mlp2x_gelu``), ``"linear"`` or ``"identity"``.
+        sea: :class:`SEAConfig`.
+        attn_implementation: None picks ``flash_attention_2`` when CUDA, flash-attn and a half
+            ``dtype`` are all present, else ``sdpa``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for tower and LM.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: str | dict = "lmsys/vicuna-7b-v1.5"
+    tokenizer: str | None = None
+    adapter: str = "mlp2x_gelu"
+    sea: SEAConfig = field(default_factory=SEAConfig)
+    attn_implementation: str | None = None
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """From a nested dict (a checkpoint's ``config.json``, YAML), by :func:`from_dict`."""
+        return from_dict(cls, d, "model")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -74,6 +208,11 @@ class DataConfig:
     template: str | None = None
     max_length: int = 2048
     num_workers: int = 4
+
+    def check(self) -> None:
+        _require(self.template in TEMPLATES, "data.template", f"one of {', '.join(TEMPLATES)}", self.template)
+        _require(self.max_length >= 2, "data.max_length", ">= 2", self.max_length)
+        _require(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
 
 
 @dataclass
@@ -134,10 +273,56 @@ class TrainConfig:
     max_bad_steps: int = 3
     overwrite: bool = False
 
+    def check(self) -> None:
+        """Ranges (NaN refused), the batch sizes' divisibility, the stage's options; one clear error."""
+        _require(
+            self.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'", self.precision
+        )
+        if self.vision_lr is not None and self.stage != 2:
+            raise ValueError("train.vision_lr (training the vision tower) is for stage 2")
+        _require(_positive(self.lr), "train.lr", "a finite number > 0", self.lr)
+        if self.vision_lr is not None:
+            _require(_positive(self.vision_lr), "train.vision_lr", "a finite number > 0 (or null)", self.vision_lr)
+        _require(_non_negative(self.weight_decay), "train.weight_decay", "a finite number >= 0", self.weight_decay)
+        _require(
+            all(math.isfinite(b) and 0 <= b < 1 for b in self.betas), "train.betas", "two numbers in [0, 1)", self.betas
+        )
+        _require(
+            math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+            "train.warmup_ratio",
+            "in [0, 1)",
+            self.warmup_ratio,
+        )
+        for key in ("global_batch_size", "micro_batch_size"):
+            _require(getattr(self, key) >= 1, f"train.{key}", ">= 1", getattr(self, key))
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.micro_batch_size "
+                f"({self.micro_batch_size}) (times the number of processes)"
+            )
+        _require(_positive(self.epochs), "train.epochs", "a finite number > 0", self.epochs)
+        for key in ("max_steps", "stop_after"):
+            _require(
+                getattr(self, key) is None or getattr(self, key) >= 1,
+                f"train.{key}",
+                ">= 1 (or null)",
+                getattr(self, key),
+            )
+        _require(
+            _non_negative(self.grad_clip), "train.grad_clip", "a finite number >= 0 (0: no clipping)", self.grad_clip
+        )
+        _require(self.save_every >= 0, "train.save_every", ">= 0 (0: only at the end)", self.save_every)
+        _require(self.keep_last >= 1, "train.keep_last", ">= 1", self.keep_last)
+        _require(self.max_bad_steps >= 0, "train.max_bad_steps", ">= 0", self.max_bad_steps)
+        if self.overwrite and self.resume:
+            raise ValueError("train.overwrite and train.resume exclude each other: resume continues the run in out_dir")
+
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=_model_config)
+    """A whole run: ``model``, ``data`` and ``train`` (see the module docstring)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -160,70 +345,13 @@ class RunConfig:
                 setattr(t, key, defaults[key])
         if cfg.data.template is None:
             cfg.data.template = defaults["template"]
-        _check_train(t)
-        _check_data(cfg.data)
-        _check_sea(cfg.model.sea)
+        t.check()
+        cfg.data.check()
+        cfg.model.sea.check()
         return cfg
 
 
-def _require(ok: bool, name: str, rule: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {rule}; got {value!r}")
-
-
-def _positive(x) -> bool:
-    return math.isfinite(x) and x > 0
-
-
-def _non_negative(x) -> bool:
-    return math.isfinite(x) and x >= 0
-
-
-def _check_train(t: TrainConfig) -> None:
-    """Ranges (NaN refused), the batch sizes' divisibility, the stage's options; one clear error."""
-    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision", "'auto', 'bf16' or 'fp32'", t.precision)
-    if t.vision_lr is not None and t.stage != 2:
-        raise ValueError("train.vision_lr (training the vision tower) is for stage 2")
-    _require(_positive(t.lr), "train.lr", "a finite number > 0", t.lr)
-    if t.vision_lr is not None:
-        _require(_positive(t.vision_lr), "train.vision_lr", "a finite number > 0 (or null)", t.vision_lr)
-    _require(_non_negative(t.weight_decay), "train.weight_decay", "a finite number >= 0", t.weight_decay)
-    _require(all(math.isfinite(b) and 0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
-    _require(
-        math.isfinite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio
-    )
-    for key in ("global_batch_size", "micro_batch_size"):
-        _require(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
-    if t.global_batch_size % t.micro_batch_size:
-        raise ValueError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
-            f"({t.micro_batch_size}) (times the number of processes)"
-        )
-    _require(_positive(t.epochs), "train.epochs", "a finite number > 0", t.epochs)
-    for key in ("max_steps", "stop_after"):
-        _require(getattr(t, key) is None or getattr(t, key) >= 1, f"train.{key}", ">= 1 (or null)", getattr(t, key))
-    _require(_non_negative(t.grad_clip), "train.grad_clip", "a finite number >= 0 (0: no clipping)", t.grad_clip)
-    _require(t.save_every >= 0, "train.save_every", ">= 0 (0: only at the end)", t.save_every)
-    _require(t.keep_last >= 1, "train.keep_last", ">= 1", t.keep_last)
-    _require(t.max_bad_steps >= 0, "train.max_bad_steps", ">= 0", t.max_bad_steps)
-    if t.overwrite and t.resume:
-        raise ValueError("train.overwrite and train.resume exclude each other: resume continues the run in out_dir")
-
-
-def _check_data(d: DataConfig) -> None:
-    _require(d.template in TEMPLATES, "data.template", f"one of {', '.join(TEMPLATES)}", d.template)
-    _require(d.max_length >= 2, "data.max_length", ">= 2", d.max_length)
-    _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
-
-
-def _check_sea(sea) -> None:
-    """SEA's options: the loss weight, label counts and the temperature's clamps."""
-    _require(_non_negative(sea.weight), "model.sea.weight", "a finite number >= 0", sea.weight)
-    _require(sea.top_n >= 1, "model.sea.top_n", ">= 1", sea.top_n)
-    _require(sea.window >= 1, "model.sea.window", ">= 1", sea.window)
-    _require(_positive(sea.max_scale), "model.sea.max_scale", "a finite number > 0", sea.max_scale)
-    rule = f"a finite number in (0, max_scale = {sea.max_scale}]"
-    _require(_positive(sea.min_scale) and sea.min_scale <= sea.max_scale, "model.sea.min_scale", rule, sea.min_scale)
+# --------------------------------------------------------------------------- the deserializer
 
 
 def _unwrap_optional(tp):
@@ -284,7 +412,7 @@ def from_dict(cls, d: dict, where: str = ""):
     naming unknown keys."""
     if not isinstance(d, dict):
         raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls, localns=_type_names())
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(d) - set(names))
     if unknown:
@@ -294,92 +422,3 @@ def from_dict(cls, d: dict, where: str = ""):
         )
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in d.items()}
     return cls(**kwargs)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``["--train.lr", "1e-3", "--model.sea.enabled=false"]`` -> ``[("train.lr", "1e-3"), ...]``."""
-    pairs, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--") or len(a) == 2:
-            raise ValueError(f"expected --section.key VALUE; got {a!r}")
-        if "=" in a:
-            key, value = a[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ValueError(f"{a}: missing value")
-            key, value = a[2:], args[i + 1]
-            i += 2
-        pairs.append((key, value))
-    return pairs
-
-
-def set_dotted(d: dict, key: str, raw: str) -> None:
-    """Set ``d[a][b][c] = yaml(raw)`` for ``key = "a.b.c"`` (only through existing mappings)."""
-    import yaml
-
-    parts = key.split(".")
-    node = d
-    for i, p in enumerate(parts[:-1]):
-        if p not in node:
-            raise ValueError(f"unknown key --{key}: {'.'.join(parts[: i + 1])} does not exist")
-        if not isinstance(node[p], dict):
-            raise ValueError(f"--{key}: {'.'.join(parts[: i + 1])} is {node[p]!r}, not a section")
-        node = node[p]
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node[parts[-1]] = value
-
-
-def load_run_config(path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
-    """Defaults < model config of ``init_from`` / saved run of ``resume`` < YAML file < overrides."""
-    import yaml
-
-    file_dict: dict = {}
-    if path is not None:
-        try:
-            file_dict = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--config: no such file: {path}") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(
-                f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
-            ) from None
-        except IsADirectoryError:
-            raise ValueError(f"--config {path}: a directory, not a YAML file") from None
-        if not isinstance(file_dict, dict):
-            raise ValueError(
-                f"{path}: expected a mapping with sections model, data, train; got {type(file_dict).__name__}"
-            )
-    # Where does this run start from? (Looked up before the layers are merged.)
-    probe = _merge(asdict(RunConfig()), file_dict)
-    for k, v in overrides:
-        if k in ("train.resume", "train.init_from", "train.out_dir"):
-            set_dotted(probe, k, v)
-    base = asdict(RunConfig())
-    from . import checkpoint as ckpt
-
-    t = probe["train"]
-    if t.get("resume"):
-        saved = ckpt.read_info(ckpt.resolve(t["resume"], t.get("out_dir")))
-        base = _merge(base, saved.get("run", {}))
-        base["train"].update(resume=None, stop_after=None, overwrite=False)  # how that one ran, not what this one does
-    elif t.get("init_from") and not str(t["init_from"]).endswith(".bin"):
-        saved = ckpt.read_info(ckpt.resolve(t["init_from"]))
-        base["model"] = saved["model"]
-    merged = _merge(base, file_dict)
-    for k, v in overrides:
-        set_dotted(merged, k, v)
-    return RunConfig.from_dict(merged)

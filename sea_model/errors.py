@@ -1,6 +1,6 @@
 """Errors the user can fix (a bad configuration, input file, output folder, a diverging run).
 
-The ``sea`` command (:func:`sea_model.cli.run_command`) prints any of :data:`USER_ERRORS` as one
+The ``sea`` command (:func:`sea_model.commands.cli.run_command`) prints any of :data:`USER_ERRORS` as one
 line ``sea <cmd>: error: ...`` and exits with status 2 (``--debug`` shows the traceback)."""
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .sea_head import SEAHead, weighted_sum
+from .vision import ClipBundle, HFJointHead
+from .vocab import build_vocabulary
+
 SEA_WEIGHTS = "sea.safetensors"
 
 
@@ -70,16 +74,11 @@ class LlavaSEA(nn.Module):
         **loss_options,
     ):
         super().__init__()
-        from sea_kernels import SEAAlignmentLoss
-
-        from .vision import ClipBundle, HFJointHead
-        from .vocab import build_vocabulary
-
         self.weight = float(weight)
         self.enabled = True  # False: the hooks capture nothing and align() gives a zero loss
         self.head = HFJointHead(clip)
-        self.loss_fn = SEAAlignmentLoss(**loss_options)
-        self._layout(llava)
+        self.grid, skip_rows = _layout(llava, self.head)
+        self.loss_fn = SEAHead(skip_rows=skip_rows, **loss_options)
         vocab = build_vocabulary(
             ClipBundle.from_hf(clip, clip_tokenizer),
             tokenizer,
@@ -90,13 +89,7 @@ class LlavaSEA(nn.Module):
             progress=progress,
         )
         embedding = llava.get_input_embeddings().weight
-        if int(vocab.token_ids.max()) >= embedding.shape[0]:
-            raise ValueError(
-                f"tokenizer: word token id {int(vocab.token_ids.max())} is outside Llava's embedding table "
-                f"({embedding.shape[0]} rows): pass Llava's own tokenizer"
-            )
-        self.register_buffer("vocab_features", vocab.features, persistent=False)
-        self.register_buffer("word_token_ids", vocab.token_ids, persistent=False)
+        self.loss_fn.set_vocabulary(vocab.features, vocab.token_ids, embedding, feature_dim=self.head.feature_dim)
         self.words = vocab.words
         self.llava = [llava]  # not a submodule: SEA's state is its temperature only
         self._captured: dict[str, torch.Tensor] = {}
@@ -106,21 +99,13 @@ class LlavaSEA(nn.Module):
         ]
         self.to(embedding.device)
 
-    def _layout(self, llava: nn.Module) -> None:
-        """The patch grid and which projector rows are patches (from Llava's config)."""
-        cfg = llava.config
-        vision = cfg.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
-        self.grid = (side, side)
-        strategy = cfg.vision_feature_select_strategy
-        dropped = 1 if strategy == "default" else 0
-        # projector row j is tower token j + dropped, i.e. patch j + dropped - prefix
-        self.skip_rows = self.head.prefix_tokens - dropped
-        if self.skip_rows < 0:
-            raise ValueError(
-                "vision_feature_select_strategy='default' drops a real patch of a SigLIP tower (it has no CLS): "
-                "SEA needs every patch; use 'full' as llava-hf's SigLIP checkpoints do"
-            )
+    @property
+    def vocab_features(self) -> torch.Tensor:
+        return self.loss_fn.vocab_features
+
+    @property
+    def word_token_ids(self) -> torch.Tensor:
+        return self.loss_fn.word_token_ids
 
     def remove(self) -> None:
         """Detach the hooks (the Llava model is left as it was)."""
@@ -147,31 +132,14 @@ class LlavaSEA(nn.Module):
         """``SEAAlignmentOutput`` (``loss``, ``pairs``, ``scale``, ...) for the images of the last
         training forward; a zero loss connected to the temperature when it had no image. Call it
         once per forward: the captured tensors are released."""
-        from sea_kernels.alignment import SEAAlignmentOutput
-
         last, visual = self._captured.pop("last", None), self._captured.pop("visual", None)
         self._captured.clear()
-        if last is None or visual is None:
-            scale = self.loss_fn.scale()
-            zero = self.loss_fn.log_scale * 0.0
-            return SEAAlignmentOutput(zero, torch.zeros((), dtype=torch.long), scale.detach(), None, None)
-        with torch.no_grad():
-            _, patches = self.head(last, pooled=False)
-        visual = visual[:, self.skip_rows :]
-        if visual.shape[1] != patches.shape[1]:
-            raise ValueError(
-                f"SEA: the projector gave {visual.shape[1]} patch rows per image for {patches.shape[1]} patches"
-            )
-        return self.loss_fn(
-            visual,
-            patches,
-            self.vocab_features,
-            self.word_token_ids,
-            self.llava[0].get_input_embeddings().weight,
-            grid=self.grid,
-            generator=generator,
-            group=group,
-        )
+        patches = None
+        if last is not None and visual is not None:
+            with torch.no_grad():
+                _, patches = self.head(last, pooled=False)
+        embedding = self.llava[0].get_input_embeddings().weight
+        return self.loss_fn.align(visual, patches, embedding, grid=self.grid, generator=generator, group=group)
 
     @property
     def temperature(self) -> float:
@@ -197,6 +165,21 @@ class LlavaSEA(nn.Module):
         return True
 
 
+def _layout(llava: nn.Module, head: HFJointHead) -> tuple[tuple[int, int], int]:
+    """``(patch grid, projector rows before the first patch)`` from Llava's config."""
+    cfg = llava.config
+    vision = cfg.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    dropped = 1 if cfg.vision_feature_select_strategy == "default" else 0
+    skip_rows = head.prefix_tokens - dropped  # projector row j is tower token j + dropped: patch j + dropped - prefix
+    if skip_rows < 0:
+        raise ValueError(
+            "vision_feature_select_strategy='default' drops a real patch of a SigLIP tower (it has no CLS): "
+            "SEA needs every patch; use 'full' as llava-hf's SigLIP checkpoints do"
+        )
+    return (side, side), skip_rows
+
+
 def _accumulate(sums: dict, loss: torch.Tensor, align, scaled: bool, steps: int) -> None:
     """Add one micro-batch's L_gen, L_align and pairs, as shares of the optimizer step, to ``sums``
     (tensors on the device, read at log time)."""
@@ -208,163 +191,92 @@ def _accumulate(sums: dict, loss: torch.Tensor, align, scaled: bool, steps: int)
         sums[key] = sums.get(key, 0.0) + value
 
 
-def _trainer_class():
+# What SEATrainer adds to transformers.Trainer. The class itself is made on first access (module
+# __getattr__), so that importing this module stays cheap (Trainer pulls in accelerate).
+class _SEATrainerMethods:
+    """``transformers.Trainer`` with SEA: ``SEATrainer(model=llava, sea=LlavaSEA(...), args=..., ...)``.
+
+    * Loss: ``L_gen + weight * L_align`` per micro-batch, SEA's term divided by the
+      accumulation steps whenever Trainer does not (Llava's forward takes ``**kwargs``, so
+      Trainer normalizes ``L_gen`` by the step's token count instead), so SEA weighs the same
+      with any accumulation. The two terms are logged as ``L_gen`` and ``L_align`` (means per
+      optimizer step), with ``pairs`` (per micro-batch) and ``tau``.
+    * The temperature is an extra optimizer group without weight decay (Trainer's own
+      optimizer only; with ``optimizers=(...)`` add ``sea.parameters()`` yourself), is not
+      gradient-clipped, and is saved as ``sea.safetensors`` in every checkpoint and
+      ``save_model`` folder and read back by ``resume_from_checkpoint``.
+    * Evaluation runs without SEA.
+    """
+
+    def __init__(self, *args, sea: LlavaSEA, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sea = sea.to(next(self.model.parameters()).device)
+        self._sea_sums: dict[str, Any] = {}
+        self._sea_logged_step = 0
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        params = [p for p in self.sea.parameters() if p.requires_grad]
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if params and not any(id(p) in known for p in params):
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and torch.is_grad_enabled():
+            loss = self._add_sea(loss, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _add_sea(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        steps = self.current_gradient_accumulation_steps
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        align = self.sea.align()
+        # Trainer divides the returned loss by `steps` unless it is already scaled for accumulation.
+        per_step = 1.0 / steps if scaled else 1.0
+        _accumulate(self._sea_sums, loss, align, scaled, steps)
+        return weighted_sum(loss, align.loss, self.sea.weight * per_step)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        steps = self.state.global_step - self._sea_logged_step
+        if "loss" in logs and self._sea_sums and steps > 0:
+            for key, value in self._sea_sums.items():
+                logs[key] = round(float(value) / steps, 6)
+            logs["tau"] = self.sea.temperature
+            self._sea_sums, self._sea_logged_step = {}, self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.sea.save(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.sea.load(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.state.best_model_checkpoint:
+            self.sea.load(self.state.best_model_checkpoint)
+
+
+def _trainer_class() -> type:
+    """``SEATrainer``: :class:`_SEATrainerMethods` over ``transformers.Trainer``."""
     from transformers import Trainer
 
-    class SEATrainer(Trainer):
-        """``transformers.Trainer`` with SEA: ``SEATrainer(model=llava, sea=LlavaSEA(...), args=..., ...)``.
-
-        * Loss: ``L_gen + weight * L_align`` per micro-batch, SEA's term divided by the
-          accumulation steps whenever Trainer does not (Llava's forward takes ``**kwargs``, so
-          Trainer normalizes ``L_gen`` by the step's token count instead), so SEA weighs the same
-          with any accumulation. The two terms are logged as ``L_gen`` and ``L_align`` (means per
-          optimizer step), with ``pairs`` (per micro-batch) and ``tau``.
-        * The temperature is an extra optimizer group without weight decay (Trainer's own
-          optimizer only; with ``optimizers=(...)`` add ``sea.parameters()`` yourself), is not
-          gradient-clipped, and is saved as ``sea.safetensors`` in every checkpoint and
-          ``save_model`` folder and read back by ``resume_from_checkpoint``.
-        * Evaluation runs without SEA.
-        """
-
-        def __init__(self, *args, sea: LlavaSEA, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.sea = sea.to(next(self.model.parameters()).device)
-            self._sea_sums: dict[str, Any] = {}
-            self._sea_logged_step = 0
-
-        def create_optimizer(self, model=None):
-            optimizer = super().create_optimizer(model)
-            params = [p for p in self.sea.parameters() if p.requires_grad]
-            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            if params and not any(id(p) in known for p in params):
-                optimizer.add_param_group({"params": params, "weight_decay": 0.0})
-            return optimizer
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            if model.training and torch.is_grad_enabled():
-                loss = self._add_sea(loss, num_items_in_batch)
-            return (loss, outputs) if return_outputs else loss
-
-        def _add_sea(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-            steps = self.current_gradient_accumulation_steps
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:
-                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                    self.compute_loss_func is not None
-                )
-            align = self.sea.align()
-            # Trainer divides the returned loss by `steps` unless it is already scaled for accumulation.
-            per_step = 1.0 / steps if scaled else 1.0
-            _accumulate(self._sea_sums, loss, align, scaled, steps)
-            return loss + (self.sea.weight * per_step) * align.loss.to(loss.dtype)
-
-        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-            steps = self.state.global_step - self._sea_logged_step
-            if "loss" in logs and self._sea_sums and steps > 0:
-                for key, value in self._sea_sums.items():
-                    logs[key] = round(float(value) / steps, 6)
-                logs["tau"] = self.sea.temperature
-                self._sea_sums, self._sea_logged_step = {}, self.state.global_step
-            super().log(logs, *args, **kwargs)
-
-        def _save(self, output_dir=None, state_dict=None) -> None:
-            super()._save(output_dir, state_dict)
-            if self.args.should_save:
-                self.sea.save(output_dir if output_dir is not None else self.args.output_dir)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            self.sea.load(resume_from_checkpoint)
-
-        def _load_best_model(self) -> None:
-            super()._load_best_model()
-            if self.state.best_model_checkpoint:
-                self.sea.load(self.state.best_model_checkpoint)
-
-    return SEATrainer
+    cls = type("SEATrainer", (_SEATrainerMethods, Trainer), {"__doc__": _SEATrainerMethods.__doc__})
+    cls.__module__, cls.__qualname__ = __name__, "SEATrainer"
+    return cls
 
 
 def __getattr__(name: str):
-    # SEATrainer subclasses transformers.Trainer: built on first access, so that importing this
-    # module stays cheap (Trainer pulls in accelerate).
     if name == "SEATrainer":
         cls = _trainer_class()
         globals()["SEATrainer"] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_llava_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> str:
-    """Write a ``LlavaForConditionalGeneration`` folder (config, safetensors weights, tokenizer,
-    ``LlavaProcessor`` with a padding ``LlavaImageProcessor``) from a checkpoint of the project's
-    trainer whose tower is a Hugging Face CLIP/SigLIP model and whose adapter is ``mlp2x_gelu``
-    (Llava's projector). Returns ``out``. Greedy answers match ``sea generate`` for prompts that
-    ``sea_model.data.prompt_ids`` builds (the ``<image>`` token expanded to the tower's patches).
-    """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from .checkpoint import load_for_inference
-    from .vision import hf_vision_part
-
-    model, tokenizer, _ = load_for_inference(checkpoint)
-    tower, adapter, llm = model.tower, model.adapter, model.llm
-    if getattr(tower, "kind", None) != "hf":
-        raise ValueError("export --format llava-hf needs a checkpoint trained with a Hugging Face tower (vision.name)")
-    linears = [m for m in adapter.modules() if isinstance(m, nn.Linear)]
-    if not (isinstance(adapter, nn.Sequential) and len(adapter) == 3 and len(linears) == 2):
-        raise ValueError("export --format llava-hf needs the adapter 'mlp2x_gelu' (Llava's projector)")
-    vocab = llm.get_input_embeddings().weight.shape[0]
-    if model.image_token_id >= vocab:
-        llm.resize_token_embeddings(model.image_token_id + 1)  # Llava embeds the image ids before replacing them
-    config = LlavaConfig(
-        vision_config=tower.visual.config.to_dict(),
-        text_config=llm.config.to_dict(),
-        image_token_id=model.image_token_id,
-        vision_feature_layer=tower.select_layer,
-        vision_feature_select_strategy=tower.select_strategy,
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=linears[0].bias is not None,
-    )
-    llava = LlavaForConditionalGeneration(config).eval()
-    hf_vision_part(llava.model.vision_tower).load_state_dict(tower.visual.state_dict())
-    projector = llava.model.multi_modal_projector
-    projector.linear_1.load_state_dict(linears[0].state_dict())
-    projector.linear_2.load_state_dict(linears[1].state_dict())
-    llava.model.language_model.load_state_dict(llm.get_decoder().state_dict())
-    llava.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
-    llava.generation_config.suppress_tokens = [model.image_token_id]  # never generate <image>
-    llava.generation_config.eos_token_id = tokenizer.eos_token_id
-    llava.generation_config.pad_token_id = tokenizer.pad_token_id
-    llava.save_pretrained(out)
-    _llava_processor(tower, tokenizer).save_pretrained(out)
-    return str(out)
-
-
-def _llava_processor(tower, tokenizer):
-    from transformers import LlavaImageProcessor, LlavaProcessor
-
-    cfg = tower.preprocess_cfg
-    size = tower.image_size[0]
-    images = LlavaImageProcessor(
-        do_pad=tower.image_aspect_ratio == "pad",
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        do_center_crop=True,
-        resample=3 if cfg.get("interpolation", "bicubic") == "bicubic" else 2,
-        image_mean=list(cfg["mean"]),
-        image_std=list(cfg["std"]),
-    )
-    return LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=tower.visual.config.patch_size,
-        vision_feature_select_strategy=tower.select_strategy,
-        num_additional_image_tokens=1 if tower.family == "clip" else 0,
-        image_token="<image>",
-    )

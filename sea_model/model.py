@@ -2,9 +2,9 @@
 
 ``SEAModel.forward`` embeds ``input_ids``, overwrites the embeddings at ``<image>`` positions with
 the adapter's outputs (each image sample carries exactly ``tower.num_patches`` consecutive
-``<image>`` ids, as :mod:`sea_model.data` produces), runs the LM for ``L_gen`` and, when SEA is
-on, computes ``L_align`` from the same forward: the adapter outputs (visual tokens), the tower's
-joint-space patch features, the vocabulary buffers and ``llm.get_input_embeddings().weight``.
+``<image>`` ids, as :mod:`sea_model.prompts` produces), runs the LM for ``L_gen`` and, when SEA is
+on, computes ``L_align`` from the same forward (:class:`~sea_model.sea_head.SEAHead`: the adapter
+outputs, the tower's joint-space patch features, the vocabulary, ``llm.get_input_embeddings().weight``).
 ``loss = L_gen + weight * L_align``.
 
 Dtypes: tower and LM run in ``ModelConfig.dtype``; the adapter and SEA's log-scale are kept in
@@ -19,9 +19,8 @@ Build from a plain :class:`ModelConfig` with :func:`build_model`, so that a save
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,82 +28,11 @@ from torch import nn
 
 from sea_kernels._common import DTYPES
 
-from .data import IGNORE_INDEX, add_image_token, prompt_ids
-from .vision import VisionConfig, VisionTower, load_clip
-
-MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the names of DTYPES a model may be loaded in
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class SEAConfig:
-    """SEA options. ``weight`` is the lambda of ``loss = L_gen + lambda * L_align``; ``top_n``
-    ... ``backend`` go to ``SEAAlignmentLoss`` (``min_scale``/``max_scale`` clamp ``1 / tau``:
-    ``0.01 <= tau <= 100`` by default); ``words`` (a word-list file, None = wordfreq's
-    top ``vocab_size``), ``template`` and ``cache_dir`` define the vocabulary."""
-
-    enabled: bool = True
-    weight: float = 1.0
-    top_n: int = 10
-    window: int = 2
-    negate: bool = True
-    dedup: bool = True
-    init_log_scale: float = 0.0
-    max_scale: float = 100.0
-    min_scale: float = 0.01
-    backend: str = "auto"
-    words: str | None = None
-    vocab_size: int = 41_242
-    template: str = "{}"
-    cache_dir: str | None = None
-
-    def loss_kwargs(self) -> dict:
-        keys = ("top_n", "window", "negate", "dedup", "init_log_scale", "max_scale", "min_scale", "backend")
-        return {k: getattr(self, k) for k in keys}
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a :class:`SEAModel` (weights aside).
-
-    Args:
-        vision: the tower (:class:`~sea_model.vision.VisionConfig`).
-        llm: a hub name or local directory (``from_pretrained``), or an HF config dict with
-            ``model_type`` (random weights, ``from_config``).
-        tokenizer: a hub name or directory; defaults to ``llm`` when that is a name.
-        adapter: ``"mlp{n}x_gelu"`` (LLaVA-1.5: ``mlp2x_gelu``), ``"linear"`` or ``"identity"``.
-        sea: :class:`SEAConfig`.
-        attn_implementation: None picks ``flash_attention_2`` when CUDA, flash-attn and a half
-            ``dtype`` are all present, else ``sdpa``.
-        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for tower and LM.
-    """
-
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    llm: str | dict = "lmsys/vicuna-7b-v1.5"
-    tokenizer: str | None = None
-    adapter: str = "mlp2x_gelu"
-    sea: SEAConfig = field(default_factory=SEAConfig)
-    attn_implementation: str | None = None
-    dtype: str = "float32"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        """From a nested dict (a checkpoint's ``config.json``, YAML), by :func:`sea_model.config.from_dict`."""
-        from .config import from_dict
-
-        return from_dict(cls, d, "model")
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
+from .config import MODEL_DTYPES, ModelConfig, SEAConfig
+from .prompts import IGNORE_INDEX, add_image_token, prompt_ids
+from .sea_head import SEAHead, weighted_sum
+from .vision import VisionTower, load_clip
+from .vocab import build_vocabulary
 
 
 def default_attn_implementation(dtype: torch.dtype) -> str:
@@ -167,14 +95,14 @@ class SEAModelOutput:
 
 
 class SEAModel(nn.Module):
-    """Vision tower + adapter + causal LM (+ ``SEAAlignmentLoss`` and vocabulary buffers).
+    """Vision tower + adapter + causal LM (+ SEA: :class:`~sea_model.sea_head.SEAHead` with its vocabulary).
 
     Args:
         tower: a :class:`~sea_model.vision.VisionTower` (frozen).
         llm: any HF ``AutoModelForCausalLM`` model.
         image_token_id: the tokenizer id of ``<image>`` (may be >= the LM's vocabulary size).
         adapter: see :func:`build_adapter`.
-        sea: :class:`SEAConfig`; None or ``enabled=False`` turns SEA off.
+        sea: :class:`~sea_model.config.SEAConfig`; None or ``enabled=False`` turns SEA off.
         vocab_features, word_token_ids: ``(q, d)`` and ``(q, L)`` (``Vocabulary.features`` /
             ``.token_ids``), required when SEA is on; kept as non-persistent buffers.
     """
@@ -202,41 +130,36 @@ class SEAModel(nn.Module):
         self.adapter = build_adapter(adapter, tower.hidden_size, llm_dim).float()
         self.sea_config = sea if sea is not None else SEAConfig(enabled=False)
         self.sea = None
-        self.register_buffer("vocab_features", None, persistent=False)
-        self.register_buffer("word_token_ids", None, persistent=False)
         if self.sea_config.enabled:
-            from sea_kernels import SEAAlignmentLoss
-
             if vocab_features is None or word_token_ids is None:
                 raise ValueError("vocab_features and word_token_ids are required when SEA is enabled")
-            self.sea = SEAAlignmentLoss(**self.sea_config.loss_kwargs())
+            self.sea = SEAHead(**self.sea_config.loss_kwargs())
             self.set_vocabulary(vocab_features, word_token_ids)
         self.model_config: ModelConfig | None = None  # set by build_model
 
+    @property
+    def vocab_features(self) -> torch.Tensor | None:
+        """SEA's word features ``(q, d)`` (None when SEA is off)."""
+        return None if self.sea is None else self.sea.vocab_features
+
+    @property
+    def word_token_ids(self) -> torch.Tensor | None:
+        """SEA's words' LM token ids ``(q, L)`` (None when SEA is off)."""
+        return None if self.sea is None else self.sea.word_token_ids
+
     def set_vocabulary(self, vocab_features: torch.Tensor, word_token_ids: torch.Tensor) -> None:
-        """Install the vocabulary buffers (checked against the tower and the LM)."""
-        if self.tower.feature_dim is None:
-            raise ValueError(
-                "SEA needs joint-space patch features, and this tower has none (a CLIPVisionModel without "
-                "visual_projection): load the CLIPModel of the same checkpoint as the tower"
-            )
-        if vocab_features.ndim != 2 or vocab_features.shape[1] != self.tower.feature_dim:
-            raise ValueError(
-                f"vocab_features must be (q, {self.tower.feature_dim}) (the tower's joint-space dim); "
-                f"got {tuple(vocab_features.shape)}"
-            )
-        if word_token_ids.ndim != 2 or word_token_ids.shape[0] != vocab_features.shape[0]:
-            raise ValueError(
-                f"word_token_ids must be ({vocab_features.shape[0]}, L); got {tuple(word_token_ids.shape)}"
-            )
-        V = self.llm.get_input_embeddings().weight.shape[0]
-        if int(word_token_ids.max()) >= V:
-            raise ValueError(f"word_token_ids: id {int(word_token_ids.max())} is outside the LM's vocabulary ({V})")
-        device = self.llm.get_input_embeddings().weight.device
-        # In the tower's compute dtype: the dtype its patch features come in (see SEAAlignmentLoss's
-        # mixed-dtype policy; under autocast the loss casts it once more and caches that).
-        self.vocab_features = vocab_features.to(device=device, dtype=next(self.tower.parameters()).dtype)
-        self.word_token_ids = word_token_ids.long().to(device)
+        """Install SEA's vocabulary (checked against the tower and the LM), in the tower's compute
+        dtype: the dtype its patch features come in (see SEAAlignmentLoss's mixed-dtype policy;
+        under autocast the loss casts it once more and caches that)."""
+        if self.sea is None:
+            raise ValueError("SEA is off in this model (sea.enabled=False): it has no vocabulary")
+        self.sea.set_vocabulary(
+            vocab_features,
+            word_token_ids,
+            self.llm.get_input_embeddings().weight,
+            feature_dim=self.tower.feature_dim,
+            dtype=next(self.tower.parameters()).dtype,
+        )
 
     # ----------------------------------------------------------------- training helpers
 
@@ -328,22 +251,18 @@ class SEAModel(nn.Module):
             loss = loss + sum(p.sum() for p in self.adapter.parameters()) * 0.0
         loss_align, pair_count, scale, align = None, None, None, None
         if self.sea is not None:
-            if visual is None:
-                loss_align = self.sea.log_scale * 0.0
-                pair_count, scale = torch.zeros((), dtype=torch.long, device=loss.device), self.sea.scale().detach()
-            else:
-                align = self.sea(
-                    visual,
-                    tower_out.patch_features,
-                    self.vocab_features,
-                    self.word_token_ids,
-                    self.llm.get_input_embeddings().weight,
-                    grid=tower_out.grid,
-                    generator=generator,
-                    group=group,
-                )
-                loss_align, pair_count, scale = align.loss, align.pair_count, align.scale
-            loss = loss + self.sea_config.weight * loss_align.to(loss.dtype)
+            images = tower_out is not None
+            result = self.sea.align(
+                visual,
+                tower_out.patch_features if images else None,
+                self.llm.get_input_embeddings().weight,
+                grid=tower_out.grid if images else None,
+                generator=generator,
+                group=group,
+            )
+            loss_align, pair_count, scale = result.loss, result.pair_count, result.scale
+            align = result if images else None  # no labels without images
+            loss = weighted_sum(loss, loss_align, self.sea_config.weight)
         return SEAModelOutput(loss, loss_gen, loss_align, pair_count, scale, out.logits, align)
 
     # ----------------------------------------------------------------- generation
@@ -448,8 +367,6 @@ def build_model(config: ModelConfig, tokenizer=None, *, device: str | torch.devi
     ``tokenizer`` (else loaded from the config) gets ``<image>`` added and, when it has no pad
     token, ``unk`` (or ``eos``) as pad. The CLIP text tower is dropped after the vocabulary.
     """
-    from .vocab import build_vocabulary
-
     if config.dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}; got {config.dtype!r}")
     dtype = DTYPES[config.dtype]

@@ -10,10 +10,9 @@ import warnings
 
 import pytest
 
-from sea_kernels.bench import report
-from sea_model.bench import CASE_SETS, run
+from sea_model.bench import CASE_SETS, report, run
 from sea_model.bench.stage1 import clear_cache
-from sea_model.cli import build_parser
+from sea_model.commands.cli import build_parser
 
 TINY = {
     "topk": {"a": dict(b=1, p=16, q=64, d=16, dtype="float32")},

@@ -98,7 +98,7 @@ def test_a_stale_torch_build_lock_is_removed(fake_compiler, tmp_path, monkeypatc
 
 
 def test_sea_build_builds_every_extension(fake_compiler, capsys):
-    from sea_model.cli import main
+    from sea_model.commands.cli import main
 
     assert main(["build"]) == 0
     out = capsys.readouterr().out
@@ -107,7 +107,7 @@ def test_sea_build_builds_every_extension(fake_compiler, capsys):
 
 
 def test_sea_export_of_a_foreign_folder_is_one_error_line(tmp_path, capsys):
-    from sea_model.cli import main
+    from sea_model.commands.cli import main
 
     assert main(["export", "--format", "llava-hf", str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -17,10 +17,11 @@ import torch
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
-from sea_model import checkpoint as ckpt  # noqa: E402
 from sea_model.config import RunConfig, TrainConfig  # noqa: E402
 from sea_model.model import build_model  # noqa: E402
-from sea_model.train import Progress, cosine_with_warmup, param_groups  # noqa: E402
+from sea_model.training import checkpoint as ckpt  # noqa: E402
+from sea_model.training.loop import Progress  # noqa: E402
+from sea_model.training.step import cosine_with_warmup, param_groups  # noqa: E402
 from tests import tiny  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sea_model import cli
+from sea_model.commands import cli
 from sea_model.config import STAGE_DEFAULTS
 
 
@@ -16,7 +16,7 @@ def test_subcommands_and_help_start_without_torch():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"demo", "train", "generate", "selfcheck", "bench"} <= set(sub.choices)
-    code = "import sys; from sea_model import cli; cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from sea_model.commands import cli; cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

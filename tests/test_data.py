@@ -6,15 +6,8 @@ import logging
 import pytest
 import torch
 
-from sea_model.data import (
-    IGNORE_INDEX,
-    VICUNA_SYSTEM,
-    Collator,
-    LlavaDataset,
-    add_image_token,
-    check_data,
-    prompt_ids,
-)
+from sea_model.data import Collator, LlavaDataset, check_data
+from sea_model.prompts import IGNORE_INDEX, VICUNA_SYSTEM, add_image_token, prompt_ids
 from tests import tiny
 
 P = 4  # visual tokens per image in these tests

@@ -9,14 +9,15 @@ import random
 import pytest
 import torch
 
-from sea_model import demo
+from sea_model.commands import demo
+from sea_model.commands.shapes import Obj
 
 
 def test_scenes_are_drawn_where_their_captions_say():
-    scene = demo.Scene("square", "red", "big", row=0, column=0)
+    scene = Obj("square", "red", "big", row=0, column=0)
     assert scene.caption() == "a big red square in the top left"
-    assert demo.Scene("circle", "blue", "small", 1, 1).caption() == "a small blue circle in the center"
-    assert demo.Scene("triangle", "green", "small", 2, 1).where == "bottom"
+    assert Obj("circle", "blue", "small", 1, 1).caption() == "a small blue circle in the center"
+    assert Obj("triangle", "green", "small", 2, 1).where == "bottom"
     assert ("What colour is the square?", "red") in scene.questions()
     image = demo.draw(scene, random.Random(0))
     third = demo.IMAGE_SIZE // 3
@@ -33,8 +34,8 @@ def test_scenes_are_drawn_where_their_captions_say():
 def test_demo_quick_end_to_end(tmp_path, capsys):
     pytest.importorskip("open_clip")
     pytest.importorskip("transformers")
-    from sea_model import checkpoint as ckpt
-    from sea_model import cli
+    from sea_model.commands import cli
+    from sea_model.training import checkpoint as ckpt
 
     threads = torch.get_num_threads()
     try:

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sea_model import tiny as shipped  # noqa: E402
+from sea_model import tiny_models as shipped  # noqa: E402
 from sea_model.hf import LlavaSEA  # noqa: E402
 from sea_model.vision import VisionTower  # noqa: E402
 from tests import tiny  # noqa: E402

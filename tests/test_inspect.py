@@ -13,7 +13,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
 from sea_kernels import cosine_topk  # noqa: E402
-from sea_model import inspect  # noqa: E402
+from sea_model.commands import figure1  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -42,13 +42,13 @@ def _images(n=2):
 
 def test_nearest_word_known_by_construction(tmp_path):
     model, tok, words = _tiny_model(tmp_path)
-    table = inspect.word_table(model.llm.get_input_embeddings().weight, model.word_token_ids)
+    table = figure1.word_table(model.llm.get_input_embeddings().weight, model.word_token_ids)
     target = words.index("green")
     with torch.no_grad():  # every visual token is exactly the Eq. 8 embedding of "green"
         model.adapter.weight.zero_()
         model.adapter.bias.copy_(table[target])
     images = _images()
-    results = inspect.inspect_images(model, tok, words, images, top_n=3, negate=False, all_tokens=True)
+    results = figure1.inspect_images(model, tok, words, images, top_n=3, negate=False, all_tokens=True)
     assert [r.nearest for r in results] == [["green"] * model.tower.num_patches] * 2
     assert all(t == tok.convert_ids_to_tokens(tok.convert_tokens_to_ids("green")) for t in results[0].nearest_token)
 
@@ -65,7 +65,7 @@ def test_nearest_word_known_by_construction(tmp_path):
                 labelled += 1
                 hits += "green" in expected
                 top1 += expected[0] == "green"
-    s = inspect.summary(results, {"test": 1})
+    s = figure1.summary(results, {"test": 1})
     assert s["labelled"] == labelled > 0
     assert s["token_alignment"] == pytest.approx(hits / labelled)
     assert s["top1_agreement"] == pytest.approx(top1 / labelled)
@@ -78,15 +78,15 @@ def test_nearest_word_known_by_construction(tmp_path):
         model.vocab_features[target] = m
     c = torch.nn.functional.cosine_similarity(feats, m.expand_as(feats), dim=-1)
     for negate, share in ((False, (c > 0).float().mean()), (True, (c < 0).float().mean())):
-        s = inspect.summary(inspect.inspect_images(model, tok, words, images, top_n=1, negate=negate), {})
+        s = figure1.summary(figure1.inspect_images(model, tok, words, images, top_n=1, negate=negate), {})
         assert s["labelled"] == c.numel() and 0 < share < 1
         assert s["token_alignment"] == s["top1_agreement"] == pytest.approx(float(share))
-    png = inspect.draw(results[0], tmp_path / "fig.png")
+    png = figure1.draw(results[0], tmp_path / "fig.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_inspect_command_on_demo_checkpoints_and_mm_projector(tmp_path, capsys):
-    from sea_model import cli, demo
+    from sea_model.commands import cli, demo
 
     threads = torch.get_num_threads()
     try:
@@ -142,7 +142,7 @@ def test_inspect_command_on_demo_checkpoints_and_mm_projector(tmp_path, capsys):
 
 
 def test_inspect_user_errors_are_one_line(tmp_path, capsys):
-    from sea_model import cli
+    from sea_model.commands import cli
 
     assert cli.main(["inspect", "--checkpoint", str(tmp_path / "nope"), "--image", "x.png"]) == 2
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
-from sea_model.lab import world as W  # noqa: E402
+from sea_model.commands.lab import world as W  # noqa: E402
 
 
 def test_patch_truth_is_the_object_covering_most_of_each_patch():
@@ -35,8 +35,8 @@ def test_patch_truth_is_the_object_covering_most_of_each_patch():
 
 
 def test_every_lab_text_is_known_to_the_tokenizer():
-    from sea_model.demo import demo_tokenizer
-    from sea_model.lab.experiment import sea_vocabulary
+    from sea_model.commands.demo import demo_tokenizer
+    from sea_model.commands.lab.prepare import sea_vocabulary
 
     rng = random.Random(0)
     tok = demo_tokenizer(W.world_words() + sea_vocabulary())
@@ -51,8 +51,8 @@ def test_every_lab_text_is_known_to_the_tokenizer():
 
 
 def test_lab_quick_end_to_end(tmp_path, capsys):
-    from sea_model import checkpoint as ckpt
-    from sea_model import cli
+    from sea_model.commands import cli
+    from sea_model.training import checkpoint as ckpt
 
     threads = torch.get_num_threads()
     try:
@@ -87,7 +87,7 @@ def test_lab_quick_end_to_end(tmp_path, capsys):
 
 
 def test_lab_user_errors_are_one_line(tmp_path, capsys):
-    from sea_model import cli
+    from sea_model.commands import cli
 
     assert cli.main(["lab", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "sea lab: error: --seeds must be comma-separated integers; got '0,x'"

@@ -11,9 +11,10 @@ pytest.importorskip("transformers")
 
 from sea_kernels import SEAAlignmentLoss  # noqa: E402
 from sea_model import model as M  # noqa: E402
-from sea_model.data import IGNORE_INDEX, Collator, LlavaDataset  # noqa: E402
-from sea_model.model import ModelConfig, SEAConfig, SEAModel, answer, build_adapter, build_model  # noqa: E402
-from sea_model.vision import VisionConfig  # noqa: E402
+from sea_model.config import ModelConfig, SEAConfig, VisionConfig  # noqa: E402
+from sea_model.data import Collator, LlavaDataset  # noqa: E402
+from sea_model.model import SEAModel, answer, build_adapter, build_model  # noqa: E402
+from sea_model.prompts import IGNORE_INDEX  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -154,7 +155,7 @@ def test_sea_adds_one_host_read_to_the_forward_and_none_to_the_step(built, batch
     """With SEA on, the forward reads the device once more than with SEA off (the finiteness check of
     the patch features, on CPU only); pairs and tau stay tensors, read by ``train_step`` with the
     other sums, once per step whatever the number of micro-batches."""
-    from sea_model import train as trainer
+    from sea_model.training import step as trainer
 
     on, _, _ = built
     off = SEAModel(on.tower, on.llm, image_token_id=on.image_token_id, sea=None)

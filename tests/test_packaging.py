@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_sea_kernels_does_not_pull_model_libraries():
     code = (
-        "import sys, sea_kernels, sea_model, sea_model.cli; "
+        "import sys, sea_kernels, sea_model, sea_model.commands.cli; "
         "print(sorted(m for m in ('transformers', 'open_clip', 'triton') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -38,7 +38,10 @@ def test_ci_runs_the_readme_commands():
 
 def test_cli_selfcheck_help():
     out = subprocess.run(
-        [sys.executable, "-m", "sea_model.cli", "selfcheck", "--help"], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "sea_model.commands.cli", "selfcheck", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0 and "--interpret" in out.stdout
 

@@ -1,4 +1,4 @@
-"""``sea selfcheck`` (:mod:`sea_kernels.selfcheck`) on tiny inputs: every op with every backend available
+"""``sea selfcheck`` (:mod:`sea_model.bench.selfcheck`) on tiny inputs: every op with every backend available
 here, errors against the reference, one table."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sea_kernels import available_backends, selfcheck
-from sea_kernels.bench import cases
+from sea_kernels import available_backends
+from sea_model.bench import op_cases as cases
+from sea_model.bench import selfcheck
 
 
 @pytest.fixture

@@ -15,19 +15,14 @@ import torch
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
-from sea_model import checkpoint as ckpt  # noqa: E402
-from sea_model import tiny as shipped  # noqa: E402
+from sea_model import tiny_models as shipped  # noqa: E402
+from sea_model.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from sea_model.errors import UserError  # noqa: E402
 from sea_model.model import build_adapter, build_model  # noqa: E402
-from sea_model.train import (  # noqa: E402
-    DataConfig,
-    RunConfig,
-    StreamSampler,
-    TrainConfig,
-    load_run_config,
-    parse_overrides,
-    train,
-)
+from sea_model.training import checkpoint as ckpt  # noqa: E402
+from sea_model.training.loop import train  # noqa: E402
+from sea_model.training.run_config import load_run_config, parse_overrides  # noqa: E402
+from sea_model.training.sampler import StreamSampler  # noqa: E402
 from tests import tiny  # noqa: E402
 
 COMPARED = ("loss", "loss_gen", "loss_align", "pairs", "tau", "lr", "grad_norm")
@@ -155,9 +150,9 @@ def test_resume_after_a_crash_repeats_the_same_losses(setup, stage1, tmp_path):
     # and the final checkpoints agree: weights and optimizer state
     a, b = stage1.checkpoint, resumed.checkpoint
     assert a.name == b.name == "checkpoint-0000006"
-    wa, wb = ckpt._read_weights(a / ckpt.WEIGHTS), ckpt._read_weights(b / ckpt.WEIGHTS)
+    wa, wb = ckpt.read_weights(a / ckpt.WEIGHTS), ckpt.read_weights(b / ckpt.WEIGHTS)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    oa, ob = ckpt._torch_load(a / ckpt.OPTIMIZER), ckpt._torch_load(b / ckpt.OPTIMIZER)
+    oa, ob = ckpt.torch_load(a / ckpt.OPTIMIZER), ckpt.torch_load(b / ckpt.OPTIMIZER)
     assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
     assert ckpt.resolve("latest", tmp_path) == b and ckpt.resolve(tmp_path) == b
 
@@ -251,10 +246,10 @@ def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
     optimizer = (bad / ckpt.OPTIMIZER).read_bytes()
     (bad / ckpt.OPTIMIZER).write_bytes(optimizer[:100])
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.pt: cannot be read"):
-        ckpt._torch_load(bad / ckpt.OPTIMIZER)
+        ckpt.torch_load(bad / ckpt.OPTIMIZER)
     torch.save({"state": shutil.Error("an arbitrary object")}, bad / ckpt.OPTIMIZER)  # never unpickled
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer\.pt: cannot be read as tensors and plain data"):
-        ckpt._torch_load(bad / ckpt.OPTIMIZER)
+        ckpt.torch_load(bad / ckpt.OPTIMIZER)
     (bad / ckpt.CONFIG).write_text('{"format": "sea-checkpoint", "version": 1, "sta')
     with pytest.raises(ckpt.CheckpointError, match=r"config\.json: not valid JSON"):
         ckpt.read_info(bad)
@@ -281,9 +276,9 @@ def test_bad_checkpoints_are_named(setup, stage1, tmp_path):
 
 
 def test_trainer_and_stage1_benchmark_share_one_step(setup, tmp_path, monkeypatch):
-    """Both call sea_model.train.forward_backward_step through train_step: a copy in either breaks this."""
-    from sea_model import train as trainer
+    """Both call sea_model.training.step.forward_backward_step through train_step: a copy in either breaks this."""
     from sea_model.bench import stage1 as bench_stage1
+    from sea_model.training import step as trainer
 
     seen = []
     real = trainer.forward_backward_step
@@ -367,7 +362,7 @@ def strict_rows(path):
 def poison(monkeypatch, bad: dict):
     """Make optimizer step ``k`` (1-based) non-finite for each ``k: "grad" | "loss"`` of ``bad``:
     NaN gradients, or an infinite loss."""
-    from sea_model import train as trainer
+    from sea_model.training import step as trainer
 
     real, calls = trainer.forward_backward_step, []
 
@@ -435,12 +430,12 @@ def test_the_temperature_has_a_lower_clamp():
 
 
 def test_the_data_is_checked_before_the_model_is_built(setup, tmp_path, monkeypatch):
-    import sea_model.model
+    import sea_model.training.loop
 
     def never(*a, **k):
         raise AssertionError("the model was built before the data was checked")
 
-    monkeypatch.setattr(sea_model.model, "build_model", never)
+    monkeypatch.setattr(sea_model.training.loop, "build_model", never)
     cfg = config(setup, tmp_path / "a")
     cfg.data.image_folder = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nowhere: no such folder"):
@@ -456,7 +451,7 @@ def test_the_data_is_checked_before_the_model_is_built(setup, tmp_path, monkeypa
 
 
 def test_one_run_per_folder(setup, stage1, tmp_path):
-    from sea_model import run_dir
+    from sea_model.training import run_dir
 
     held = run_dir.lock(tmp_path)  # another sea train (a separate open: flock conflicts)
     try:
@@ -553,7 +548,7 @@ def test_a_failed_checkpoint_write_leaves_a_resumable_folder(setup, stage1, tmp_
 
 
 def test_skipped_images_are_counted_in_metrics_and_summary(setup, tmp_path, capsys):
-    from sea_model import cli
+    from sea_model.commands import cli
 
     entries = tiny.pretrain_entries(["img0.png", "gone1.png", "img1.png", "gone2.png"])
     tiny.write_json(tmp_path / "pt.json", entries)
@@ -567,7 +562,7 @@ def test_skipped_images_are_counted_in_metrics_and_summary(setup, tmp_path, caps
 
 
 def test_generate_user_errors_are_one_line(stage1, tmp_path, capsys):
-    from sea_model import cli
+    from sea_model.commands import cli
 
     image = tmp_path / "x.png"
     image.write_bytes(b"not a png")
@@ -595,11 +590,11 @@ def test_hf_clip_tower_by_local_path_trains_and_exports_to_llava(setup, tmp_path
     from PIL import Image
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    from sea_model.checkpoint import load_for_inference
-    from sea_model.cli import main
-    from sea_model.data import prompt_ids, render
+    from sea_model.commands.cli import main
+    from sea_model.config import VisionConfig
     from sea_model.model import answer
-    from sea_model.vision import VisionConfig
+    from sea_model.prompts import prompt_ids, render
+    from sea_model.training.checkpoint import load_for_inference
 
     torch.manual_seed(0)
     clip_dir = tmp_path / "clip-vit-tiny"

@@ -5,8 +5,9 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from sea_model import tiny as shipped  # noqa: E402
-from sea_model.vision import HFJointHead, VisionConfig, VisionTower, expand2square, load_clip  # noqa: E402
+from sea_model import tiny_models as shipped  # noqa: E402
+from sea_model.config import VisionConfig  # noqa: E402
+from sea_model.vision import HFJointHead, VisionTower, expand2square, load_clip  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -265,7 +266,8 @@ def test_a_random_named_tower_builds_without_the_missing_weights_warning(caplog)
     pytest.importorskip("open_clip")
     import logging
 
-    from sea_model.vision import VisionConfig, load_clip
+    from sea_model.config import VisionConfig
+    from sea_model.vision import load_clip
 
     with caplog.at_level(logging.WARNING):
         load_clip(VisionConfig(name="ViT-S-32", pretrained=None))

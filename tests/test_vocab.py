@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from sea_model import tiny as shipped  # noqa: E402
+from sea_model import tiny_models as shipped  # noqa: E402
 from sea_model.vision import load_clip  # noqa: E402
 from sea_model.vocab import (  # noqa: E402
     DEFAULT_SIZE,

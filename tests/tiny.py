@@ -1,13 +1,14 @@
 """The tests' tiny builders: tokenizers, model configs, a SigLIP-style tower, images and LLaVA-style
-JSON, on top of the shipped stand-ins of :mod:`sea_model.tiny`. Built offline in well under a second."""
+JSON, on top of the shipped stand-ins of :mod:`sea_model.tiny_models`. Built offline in well under a second."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
-from sea_kernels.bench.report import write_json  # noqa: F401 (the one JSON writer, for the tests' data files)
-from sea_model.tiny import CHATML_TEMPLATE, text_words, tiny_clip_config, tiny_llm_config, word_tokenizer
+from sea_model.bench.report import write_json  # noqa: F401 (the one JSON writer, for the tests' data files)
+from sea_model.config import ModelConfig, SEAConfig, VisionConfig
+from sea_model.tiny_models import CHATML_TEMPLATE, text_words, tiny_clip_config, tiny_llm_config, word_tokenizer
 
 # Words the tiny tokenizer knows well and the tiny SEA vocabulary is made of.
 WORDS = [
@@ -84,19 +85,15 @@ def tiny_siglip_config() -> dict:
 
 
 def tiny_vision_config(**kw):
-    """A :class:`~sea_model.vision.VisionConfig` for :func:`tiny_clip_config` (random weights)."""
-    from sea_model.vision import VisionConfig
-
+    """A :class:`~sea_model.config.VisionConfig` for :func:`tiny_clip_config` (random weights)."""
     return VisionConfig(name="tiny-clip", pretrained=None, model_cfg=tiny_clip_config(), **kw)
 
 
 def tiny_model_config(tokenizer, *, cache_dir=None, sea: bool = True, vocab_size: int = 64, **sea_options):
-    """A whole :class:`~sea_model.model.ModelConfig`: tiny CLIP tower, tiny Llama sized for
+    """A whole :class:`~sea_model.config.ModelConfig`: tiny CLIP tower, tiny Llama sized for
     ``tokenizer`` (plus room for ``<image>``), SEA over wordfreq's top ``vocab_size`` words with
-    ``top_n=3``; ``sea_options`` override :class:`~sea_model.model.SEAConfig` fields (e.g.
+    ``top_n=3``; ``sea_options`` override :class:`~sea_model.config.SEAConfig` fields (e.g.
     ``backend="reference"``)."""
-    from sea_model.model import ModelConfig, SEAConfig
-
     options = {"enabled": sea, "vocab_size": vocab_size, "top_n": 3, "cache_dir": str(cache_dir) if cache_dir else None}
     options.update(sea_options)
     return ModelConfig(vision=tiny_vision_config(), llm=tiny_llm_config(len(tokenizer) + 1), sea=SEAConfig(**options))

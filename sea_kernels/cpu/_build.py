@@ -5,7 +5,7 @@
 module, or ``None`` when it cannot be built (no compiler, no ninja, ``SEA_NO_CPP=1``). A ``None``
 is announced once per extension; callers then use their chunked PyTorch path.
 
-A build (the first use on a machine, about a minute per extension) is announced on stderr
+A build (the first use on a machine: a compile of each extension) is announced on stderr
 before it starts and with its elapsed time when it ends, so that a first training step does
 not look hung; ``sea build`` (:func:`build_all`) does it ahead of time, for images and CI.
 torch's "No CUDA runtime is found" warning, which says nothing about these CPU kernels, is

@@ -1,39 +1,12 @@
-"""Eq. 9 on CPU: the symmetric InfoNCE loss, tiled so that no ``N x N`` matrix exists (mid-size problems: dense).
+"""cpu backend of ``contrastive_loss`` (Eq. 9): the symmetric InfoNCE loss in ``tile x tile`` blocks of
+the logits, so that no ``N x N`` matrix exists (memory: a few blocks per thread and O(N) statistics).
 
-Forward: the row norms of ``x`` and ``t`` (O(N)), then one sweep over ``tile x tile`` blocks of the
-logits ``l_ij = scale * cos(x_i, t_j)``. A block is one matrix product of a normalized row block of
-``x`` against a normalized row block of ``t`` (each block divided by its clamped norms in the
-accumulation dtype, as ``F.normalize`` does: ``x`` and ``t`` are never normalized or up-cast as a
-whole), times ``scale``. From the same block both softmax directions are updated online: running
-maxima ``m`` and sums ``z = sum exp(l - m)`` of every row (over ``j``) and every column (over
-``i``). Loss ``= 0.5 / N * sum_i [(m_row_i - l_ii) + log z_row_i] + [(m_col_i - l_ii) + log
-z_col_i]``, the terms as ``cross_entropy`` forms them, summed in float64. Saved besides the inputs:
-the norms and ``m``, ``log z`` of both directions (O(N)).
-
-Backward: the same sweep recomputes each block and forms ``G~ = P_row + P_col - 2 I`` with
-``P_row = exp((l - m_row) - log z_row)`` (likewise ``P_col``; the diagonal as ``(P_row - 1) +
-(P_col - 1)``), then accumulates ``u = G~ @ t_hat`` (per row block), ``v = G~^T @ x_hat`` (all of
-``t``) and ``sum(G~ * l)`` (float64). With ``c = grad * 0.5 / N``: ``dL/dx_hat = c scale u``,
-``dL/dt_hat = c scale v``, ``dL/dscale = c sum(G~ * l) / scale``, and the normalization is
-differentiated as ``F.normalize`` (eps 1e-12): ``dx = (g - x_hat (x_hat . g)) / |x|`` for
-``g = dL/dx_hat`` where ``|x| >= eps``, ``g / eps`` elsewhere.
-
-Memory: a few ``tile x tile`` and ``tile x D`` blocks (per thread in C++), the O(N) statistics
-and the gradients (plus one float32 ``N x D`` accumulator for ``t``'s gradient when ``t`` is
-float16/bfloat16). Half-precision inputs are converted block by block. Work: four ``N x N x D``
-matrix products (forward 1, backward 3).
-
-Mid-size problems (``N <= DENSE_MAX_N`` and ``N^2 D >= SMALL_WORK``, automatic tiling) are computed
-densely instead, by the reference formula (``sea_kernels.contrastive.contrastive_loss_reference``: one
-``N x N`` logits matrix, at most 4 MB in float32, multi-threaded matrix products, three ``N x N x D``
-products, as the tiles' recomputation needs four). Measured on a 2-core AVX-512 VM (2 threads, float32,
-forward + backward): N = 196 / 256 / 512 / 1024 with D = 768 / 512 / 768 / 512 took 1.5 / 1.5 / 5.3 /
-18.4 ms densely against 2.3 / 2.2 / 8.4 / 19.1 ms tiled; a single block (N = 86, D = 128) 0.31 ms tiled
-against 0.36 ms densely, and N = 2048, D = 512 73 ms tiled against 77 ms densely.
-
-The block loops run in C++ (``csrc/contrastive.cpp``: the threads work on whole blocks with
-single-threaded MKL inside, the element-wise work of a block fused, deterministic sums) when the
-extension builds, else in the PyTorch code below (same arithmetic, multi-threaded torch ops).
+Both softmax directions are updated online from each block; the backward recomputes the blocks (the
+arithmetic: :class:`_ContrastiveLoss`). The block loops run in C++ (``csrc/contrastive.cpp``: whole
+blocks per thread, single-threaded MKL inside, deterministic sums) when the extension builds, else in
+the PyTorch code below (the same arithmetic). Mid-size problems (:func:`dense_is_faster`) go to the
+dense reference formula instead: one ``N x N`` matrix of at most 4 MB and three ``N x N x D`` products
+where the tiles need four (the measurements that set the bounds are in docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -41,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from .._common import NORM_EPS
-from ..contrastive import contrastive_loss_reference
+from ..reference import contrastive_loss_reference
 from ._build import choose_extension
 
 DEFAULT_TILE: int | None = None  # None: auto_tile(); tests set small tiles here
 MAX_TILE = 1024  # a 4 MB float32 block: MKL runs near its peak, the block stays small
 BLOCK_BYTES = 4 << 20  # cap on one (tile x D) float32 block: tile <= 1M / D
-SMALL_WORK = 1 << 22  # N^2 D below this (~1 ms of work): large blocks in the calling thread, no pool wake-ups
+SMALL_WORK = 1 << 22  # N^2 D below this: large blocks in the calling thread, no pool wake-ups
 DENSE_MAX_N = 1024  # from SMALL_WORK up to this many rows, the dense reference formula (see the module doc)
 
 
@@ -91,6 +64,32 @@ def contrastive_loss(
 
 
 class _ContrastiveLoss(torch.autograd.Function):
+    """The tiled loss and its gradients.
+
+    Forward: the row norms of ``x`` and ``t`` (O(N)), then one sweep over ``tile x tile`` blocks of the
+    logits ``l_ij = scale * cos(x_i, t_j)``. A block is one matrix product of a normalized row block of
+    ``x`` against a normalized row block of ``t`` (each block divided by its clamped norms in the
+    accumulation dtype, as ``F.normalize`` does: ``x`` and ``t`` are never normalized or up-cast as a
+    whole), times ``scale``. From the same block both softmax directions are updated online: running
+    maxima ``m`` and sums ``z = sum exp(l - m)`` of every row (over ``j``) and every column (over
+    ``i``). Loss ``= 0.5 / N * sum_i [(m_row_i - l_ii) + log z_row_i] + [(m_col_i - l_ii) + log
+    z_col_i]``, the terms as ``cross_entropy`` forms them, summed in float64. Saved besides the inputs:
+    the norms and ``m``, ``log z`` of both directions (O(N)).
+
+    Backward: the same sweep recomputes each block and forms ``G~ = P_row + P_col - 2 I`` with
+    ``P_row = exp((l - m_row) - log z_row)`` (likewise ``P_col``; the diagonal as ``(P_row - 1) +
+    (P_col - 1)``), then accumulates ``u = G~ @ t_hat`` (per row block), ``v = G~^T @ x_hat`` (all of
+    ``t``) and ``sum(G~ * l)`` (float64). With ``c = grad * 0.5 / N``: ``dL/dx_hat = c scale u``,
+    ``dL/dt_hat = c scale v``, ``dL/dscale = c sum(G~ * l) / scale``, and the normalization is
+    differentiated as ``F.normalize`` (eps 1e-12): ``dx = (g - x_hat (x_hat . g)) / |x|`` for
+    ``g = dL/dx_hat`` where ``|x| >= eps``, ``g / eps`` elsewhere.
+
+    Memory: a few ``tile x tile`` and ``tile x D`` blocks (per thread in C++), the O(N) statistics
+    and the gradients (plus one float32 ``N x D`` accumulator for ``t``'s gradient when ``t`` is
+    float16/bfloat16). Half-precision inputs are converted block by block. Work: four ``N x N x D``
+    matrix products (forward 1, backward 3).
+    """
+
     @staticmethod
     def forward(ctx, x, t, scale, tile, ext):
         acc = scale.dtype

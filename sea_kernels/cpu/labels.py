@@ -7,30 +7,13 @@ cheaply -- ``"int8"`` (integer matrix products, VNNI), ``"bf16"`` (bfloat16 matr
 prefilter's error; only the words whose upper bound reaches the row's k-th best exact score so far are
 rescored exactly, at once, from the vocabulary tile while it is in cache. Every prefilter gives the same
 result, ties broken by the smaller index (``"exact"`` scores every pair exactly: the slow oracle).
-float64: a tiled float64 top-k.
+float64: a tiled float64 top-k. No path holds the ``(M, q)`` score matrix; the only memory that grows
+with ``q`` is the vocabulary's prefilter data (:func:`prepared_vocab`). Without the extension
+(``load_extension`` announces that once), :func:`cosine_topk_chunked` computes the same function up to
+near ties.
 
-``patch_labels`` (float32) needs the top-k of one patch per window only: each patch's eligibility (a
-positive exact score) is settled first against the first 64 words; a window whose patches are all
-settled picks its patch from ``u0`` at once, and the exact top-k runs on those chosen patches plus every
-patch of the other windows (whose top-1 decides their eligibility): ``B x n_windows`` rows instead of
-``B x P`` in the usual case. Its result is identical to ``cosine_topk`` of every patch followed by the
-contract's ``sample_windows`` (:func:`scored_patches` tells which patches were scored). float64 and
-the fallback score every patch.
-
-No path holds the ``(M, q)`` score matrix: the vocabulary is walked in tiles and each row keeps a
-bounded top-k. The vocabulary's side of the prefilter (per word its factor, int8 scale, bound terms and
-int8/bf16 copy: ``q x d`` bytes for int8, ``2 q d`` for bf16, plus 33 bytes per word) is computed once
-per vocabulary tensor and kept for the next calls (:func:`prepared_vocab`: one vocabulary at a time,
-redone when the tensor is modified in place or replaced, dropped when it is freed): the only memory
-that grows with ``q``. A new tensor object each call (e.g. a cast made inside a compiled graph) makes it
-again each time; ``CACHE_VOCABULARY = False`` converts tile by tile instead (memory independent of
-``q``, the conversion repeated every call). When the extension cannot be built (``load_extension``
-announces that once), the chunked PyTorch path below computes the same function up to near ties:
-vocabulary chunks are normalized, multiplied with row blocks of the patches, reduced with
-``torch.topk`` and merged with the running top-k.
-
-Backend entries (canonical inputs, see ``sea_kernels.labels``) with keyword-only options for tests
-and benchmarks, as ``sea_kernels.cpu.contrastive``: ``tile`` (vocabulary rows per step),
+Backend entries (canonical inputs, see :mod:`sea_kernels.reference`) with keyword-only options for
+tests and benchmarks, as ``sea_kernels.cpu.contrastive``: ``tile`` (vocabulary rows per step),
 ``row_block`` (patch rows per task), ``prefilter`` (default ``DEFAULT_PREFILTER``, else
 :func:`default_prefilter`), ``use_cpp`` (``None``: the extension when it builds, ``False``: the
 PyTorch path, ``True``: the extension or ``RuntimeError``).
@@ -44,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .._common import TensorCache, compute_dtype
-from ..labels import PatchLabels, TopK, sample_windows
+from ..reference import PatchLabels, TopK, sample_windows
 from ._build import choose_extension
 
 PREFILTERS = {"exact": 0, "fp32": 1, "bf16": 2, "int8": 3}
@@ -59,8 +42,7 @@ _PREPARED = TensorCache()  # the last vocabulary's prefilter data
 @cache
 def default_prefilter() -> str:
     """The fastest prefilter this CPU has through oneDNN: ``"bf16"`` with AMX, ``"int8"`` with VNNI
-    (AVX-512-VNNI or AVX-VNNI: int8 products at ~2.5x the float32 rate; AVX-512-BF16 alone is not faster
-    than float32), else ``"fp32"``."""
+    (AVX-512-VNNI or AVX-VNNI; AVX-512-BF16 alone is not faster than float32), else ``"fp32"``."""
     caps = torch._C._cpu._get_cpu_capability()
     if not torch.backends.mkldnn.is_available():
         return "fp32"
@@ -82,7 +64,13 @@ def prepared_vocab(ext, vocab: torch.Tensor, negate: bool, code: int) -> list[to
     """The prefilter data of ``vocab`` for prefilter ``code`` and ``negate`` (``ext.prepare_vocab``),
     kept in ``_PREPARED`` while the same tensor object is alive and unmodified (``TensorCache``).
     ``[]`` (convert per call) for float64, the exact oracle, inference tensors (no version counter)
-    or ``CACHE_VOCABULARY`` off."""
+    or ``CACHE_VOCABULARY`` off.
+
+    Per word its factor, int8 scale, bound terms and int8/bf16 copy: ``q x d`` bytes for int8, ``2 q d``
+    for bf16, plus 33 bytes per word; one vocabulary at a time, redone when the tensor is modified in
+    place or replaced, dropped when it is freed. A new tensor object each call (e.g. a cast made inside
+    a compiled graph) makes it again each time; ``CACHE_VOCABULARY = False`` converts tile by tile
+    instead (memory independent of ``q``, the conversion repeated every call)."""
     if not CACHE_VOCABULARY or code == 0 or vocab.dtype == torch.float64 or vocab.is_inference():
         return []
     return _PREPARED.get((vocab,), (bool(negate), code), lambda: ext.prepare_vocab(vocab, negate, code))
@@ -123,7 +111,16 @@ def patch_labels(
     prefilter: str | None = None,
     use_cpp: bool | None = None,
 ) -> PatchLabels:
-    """``PatchLabels``, each ``(B, n_windows)``: the C++ path scores only the chosen patches (see above)."""
+    """``PatchLabels``, each ``(B, n_windows)``.
+
+    float32 needs the top-k of one patch per window only: each patch's eligibility (a positive exact
+    score) is settled first against the first 64 words; a window whose patches are all settled picks its
+    patch from ``u0`` at once, and the exact top-k runs on those chosen patches plus every patch of the
+    other windows (whose top-1 decides their eligibility): ``B x n_windows`` rows instead of ``B x P`` in
+    the usual case. The result is identical to ``cosine_topk`` of every patch followed by the contract's
+    ``sample_windows`` (:func:`scored_patches` tells which patches were scored). float64 and the fallback
+    score every patch.
+    """
     ext = choose_extension("labels", use_cpp)
     h, w = grid
     if ext is not None:
@@ -172,7 +169,8 @@ def cosine_topk_chunked(
     tile: int | None = None,
     row_block: int | None = None,
 ) -> TopK:
-    """The PyTorch fallback: vocabulary chunks x row blocks, ``torch.topk`` per chunk merged with the running top-k."""
+    """The PyTorch fallback: vocabulary chunks are normalized, multiplied with row blocks of the patches,
+    reduced with ``torch.topk`` and merged with the running top-k."""
     dtype = compute_dtype(patches.dtype)
     pn = F.normalize(patches.to(dtype), dim=-1)
     m, q = pn.shape[0], vocab.shape[0]

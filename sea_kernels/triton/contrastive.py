@@ -98,7 +98,7 @@ import triton
 import triton.language as tl
 
 from .._common import NORM_EPS
-from ..contrastive import contrastive_loss_reference
+from ..reference import contrastive_loss_reference
 from ._launch import INTERPRET as _INTERPRET
 from ._launch import config, dot_precision, launch, on_device, tuner
 

@@ -17,7 +17,7 @@ later score loses the tie) does the program extract each row's best remaining en
 smaller index), let it replace that row's worst entry (of equal scores, the larger index) and
 update ``kth``. The first tile takes ``K_PAD`` such steps; later ones typically one or none for the
 whole program, instead of a bitonic top-k of every tile (~115k compare-and-swaps of 64-bit keys per
-64 x 128 tile, several times the tensor-core time of its dot). At the end each list is sorted once
+64 x 128 tile, far more work than the tile's dot). At the end each list is sorted once
 (a bitonic sort, ``_topk_rows``, of uint64 keys: the order-preserving integer image of the float32
 score high, ``2**31 - 1 - index`` low, so keys order like ``(score, -index)``). ``K_PAD`` is ``k``
 rounded up to a power of two; the extra columns are cut at the end. (The bitonic network is
@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .._common import NORM_EPS
-from ..labels import cosine_topk_reference, num_windows, sample_windows
+from ..reference import cosine_topk_reference, num_windows, sample_windows
 from ._launch import INTERPRET, arch_of, config, dot_precision, for_arch, launch, tuner
 
 MIN_K_PAD = 2  # smallest padded k: with 1, ptxas spills a few bytes on sm_80 (tests/test_compile_gate.py)

@@ -1,7 +1,7 @@
 """One Stage-1 training step of :class:`sea_model.model.SEAModel`, with SEA off, on with the
 reference ops, and on with the fused ops (``backend="auto"``).
 
-The step is the trainer's own :func:`sea_model.train.train_step` with one micro-batch (data loading,
+The step is the trainer's own :func:`sea_model.training.step.train_step` with one micro-batch (data loading,
 schedule and logging aside): ``freeze_for_stage(1)`` (adapter + SEA's log-scale train, tower and LM
 frozen), forward under bf16 autocast on GPUs, ``loss.backward()`` outside it (through the frozen LM
 into the adapter), gradient clipping at 1.0, ``AdamW.step()``, ``zero_grad``, the losses read once. Weights are
@@ -10,7 +10,7 @@ tokens per word); the batch is random pixels and ``<image>`` x P + ``text`` rand
 
 Sizes:
 
-* ``demo``: the sizes of ``sea demo`` (:mod:`sea_model.demo`): a CLIP ViT of width 64, 2 layers, on
+* ``demo``: the sizes of ``sea demo`` (:mod:`sea_model.commands.demo`): a CLIP ViT of width 64, 2 layers, on
   64 px images (16 patches), joint dim 32; a 2-layer Llama of hidden 128 (intermediate 256, 4
   heads, 237 token ids); SEA over 219 words, ``top_n=3``; micro batch 32, 12 caption tokens; float32.
 * ``demo-41k``: the same with the paper's 41,242-word vocabulary (labels dominate).
@@ -28,7 +28,7 @@ Sizes:
   own cost does not depend on the depth). SEA over 41,242 words of 1 to 3 tokens, ``top_n=10``;
   micro batch 32 (LLaVA-1.5's per-device stage-1 batch), 32 caption tokens; bf16 weights for tower
   and LM, float32 adapter, bf16 autocast. One GPU, so no cross-rank negatives; no gradient
-  checkpointing (as ``sea_model.train``), which LLaVA itself uses (it would add a forward per layer
+  checkpointing (as ``sea_model.training``), which LLaVA itself uses (it would add a forward per layer
   and make SEA's share smaller still).
 
 The tower is open_clip's ``VisionTower`` when open_clip is installed, else :class:`StandInTower`, a
@@ -244,8 +244,9 @@ def build_tower(name: str, device, dtype: torch.dtype):
     open_clip_name = cfg.pop("open_clip_name", None)
     standin = os.environ.get("SEA_BENCH_STANDIN_TOWER", "0") not in ("", "0")
     if not standin and importlib.util.find_spec("open_clip") is not None:
-        from ..tiny import tiny_clip_config
-        from ..vision import VisionConfig, VisionTower
+        from ..config import VisionConfig
+        from ..tiny_models import tiny_clip_config
+        from ..vision import VisionTower
 
         if open_clip_name:
             vc = VisionConfig(name=open_clip_name, pretrained=None)
@@ -277,7 +278,7 @@ def _shared(params: dict, device):
     if key in _SHARED:
         return _SHARED[key]
     from ..model import load_llm
-    from ..tiny import tiny_llm_config
+    from ..tiny_models import tiny_llm_config
 
     dtype = DTYPES[params["dtype"]]
     with torch.random.fork_rng(devices=[]):
@@ -346,8 +347,9 @@ def stage1_case(backend: str, device="cpu", *, warmup_steps: int = 2, **params):
 
     ``params`` are a ``STAGE1_SIZES`` entry, optionally with ``active_layers`` (run only that many of
     the built LM layers: the per-layer time of a modelled size)."""
-    from .. import train as trainer
-    from ..model import SEAConfig, SEAModel
+    from ..config import SEAConfig
+    from ..model import SEAModel
+    from ..training import step as trainer
 
     if backend not in STAGE1_BACKENDS:
         raise ValueError(f"stage1 backend must be one of {STAGE1_BACKENDS}; got {backend!r}")
@@ -380,7 +382,7 @@ def stage1_case(backend: str, device="cpu", *, warmup_steps: int = 2, **params):
     )
     llm = shared["llm"]
 
-    def step(batch):  # the trainer's own step (sea_model.train.train_step), one micro-batch
+    def step(batch):  # the trainer's own step (sea_model.training.step.train_step), one micro-batch
         with active_layers(llm, n_active):
             return trainer.train_step(state, iter([batch]), accum=1)["loss"]
 
