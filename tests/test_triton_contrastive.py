@@ -30,18 +30,38 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_several_chunks_and_splits(monkeypatch):
-    """Force 16-row forward chunks, 3 column splits and 32-row backward chunks (dT accumulated)."""
+@pytest.fixture
+def three_chunks(monkeypatch):
+    """Backward chunks of the backend's own largest row block (``_MAX_BM``: 32 under the interpreter, 128 on
+    a GPU) over ``n = 2 * _MAX_BM + 6`` rows: three chunks, the last one partial. Returns ``n`` and the
+    first rows of the chunks the triton backend computed (to check after the call)."""
     from sea_kernels.triton import contrastive as tc
 
-    x, t = pairs(70, 20, seed=3)
-    whole = check_contrastive(x, t, 20.0, "triton", grad_out=3.0)
-    monkeypatch.setattr(tc, "FWD_PARTIAL_BUDGET", 70)
-    monkeypatch.setattr(tc, "FWD_SPLITS", 3)
-    monkeypatch.setattr(tc, "BWD_CHUNK_BUDGET", 70 * 32)
-    monkeypatch.setattr(tc, "BWD_MIN_ROWS", 32)
+    bm = tc._MAX_BM
+    monkeypatch.setattr(tc, "BWD_CHUNK_BUDGET", (2 * bm + 6) * bm)
+    monkeypatch.setattr(tc, "BWD_MIN_ROWS", bm)
+    starts, probs = [], tc._probs
+    monkeypatch.setattr(tc, "_probs", lambda *a: starts.append(a[7]) or probs(*a))
+    return 2 * bm + 6, starts
+
+
+def test_several_chunks_and_splits(three_chunks, monkeypatch):
+    """Forward chunks of one row block, 3 column splits and three backward chunks (dT accumulated), at the
+    block sizes of the device that runs them: within the rule, and the same results as one chunk."""
+    from sea_kernels.triton import contrastive as tc
+
+    n, starts = three_chunks
+    bm = tc._MAX_BM
+    x, t = pairs(n, 20, seed=3)
     chunked = check_contrastive(x, t, 20.0, "triton", grad_out=3.0)
-    for a, b in zip(whole, chunked):
+    assert starts == [0, bm, 2 * bm], starts
+    monkeypatch.setattr(tc, "BWD_CHUNK_BUDGET", 1 << 26)
+    monkeypatch.setattr(tc, "FWD_PARTIAL_BUDGET", n)
+    monkeypatch.setattr(tc, "FWD_SPLITS", 3)
+    starts.clear()
+    split = check_contrastive(x, t, 20.0, "triton", grad_out=3.0)
+    assert starts == [0], starts
+    for a, b in zip(chunked, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -102,19 +122,17 @@ def test_bfloat16(case, mode, bfloat16_dots, bf16_modes):
     check_contrastive(x, t, scale, "triton", grad_out=3.0)
 
 
-def test_bfloat16_chunks_and_row_norms(bfloat16_dots, monkeypatch):
-    """The default mode (float16 copies with a scale per row, a scale per chunk) with 32-row chunks and
-    rows whose norms spread over 1e-6 .. 1e6, a zero row and one below the norm's eps."""
-    from sea_kernels.triton import contrastive as tc
-
-    monkeypatch.setattr(tc, "BWD_CHUNK_BUDGET", 70 * 32)
-    monkeypatch.setattr(tc, "BWD_MIN_ROWS", 32)
-    x, t = pairs(70, 20, torch.bfloat16, seed=9, align=1.0)
+def test_bfloat16_chunks_and_row_norms(bfloat16_dots, three_chunks):
+    """The default mode (float16 copies with a scale per row, a scale per chunk) in three chunks, with rows
+    whose norms spread over 1e-6 .. 1e6, a zero row and one below the norm's eps."""
+    n, starts = three_chunks
+    x, t = pairs(n, 20, torch.bfloat16, seed=9, align=1.0)
     g = torch.Generator().manual_seed(9)
-    x = (x.float() * torch.pow(10.0, torch.rand(70, 1, generator=g) * 12 - 6)).bfloat16()
-    t = (t.float() * torch.pow(10.0, torch.rand(70, 1, generator=g) * 12 - 6)).bfloat16()
+    x = (x.float() * torch.pow(10.0, torch.rand(n, 1, generator=g) * 12 - 6)).bfloat16()
+    t = (t.float() * torch.pow(10.0, torch.rand(n, 1, generator=g) * 12 - 6)).bfloat16()
     x[40], t[3] = 0.0, t[3] * 1e-14
     check_contrastive(x, t, 30.0, "triton", grad_out=3.0)
+    assert len(starts) == 3, starts
 
 
 @pytest.mark.parametrize("gemm", ["dx", "dt"])
