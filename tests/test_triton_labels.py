@@ -29,3 +29,24 @@ def test_cosine_topk_large_k_fallback():
     fast = sea_kernels.cosine_topk(patches, vocab, k, backend="triton")
     ref = sea_kernels.cosine_topk(patches, vocab, k, backend="reference")
     check_topk(fast, ref, patches, vocab, k, False)
+
+
+def test_nan_scores_rank_first_like_torch_topk():
+    """validate=False with NaN input: NaN scores come first (torch.topk's order), every index inside the
+    vocabulary; the same on a GPU, whose float maximum drops NaN, as in the interpreter, which keeps it."""
+    g = torch.Generator().manual_seed(9)
+    patches = torch.randn(20, 24, generator=g)
+    vocab = torch.randn(200, 24, generator=g)
+    vocab[37, 3] = float("nan")  # column 37 is NaN for every patch
+    patches[4, 0] = float("nan")  # row 4 is NaN everywhere
+    for k in (1, 6):
+        got = sea_kernels.cosine_topk(
+            patches.to(DEVICE), vocab.to(DEVICE), k, negate=True, backend="triton", validate=False
+        )
+        ref = sea_kernels.cosine_topk(patches, vocab, k, negate=True, backend="reference", validate=False)
+        values, indices = got.values.cpu(), got.indices.cpu()
+        rows = torch.arange(20) != 4
+        assert (indices[rows, 0] == 37).all() and values[rows, 0].isnan().all()
+        assert torch.equal(indices[rows, 1:], ref.indices[rows, 1:])
+        assert values[4].isnan().all() and indices[4].unique().numel() == k
+        assert ((indices >= 0) & (indices < 200)).all()

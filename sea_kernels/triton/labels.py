@@ -10,7 +10,8 @@ the inverse norms of the rows and of the vocabulary entries, which a cheap pre-p
 row lives on: the ``(M, q)`` score matrix never exists.
 
 The running top-k is cheap because after the first tiles almost no score enters it. Each row keeps
-its best ``K_PAD`` scores so far, unsorted, as ``(score float32, index int32)`` register lists and
+its best ``K_PAD`` scores so far, unsorted, as ``(score key, index)`` int32 register lists (the key
+orders like the float32 score, NaN first as in ``torch.topk``: ``_ordered``) and
 their minimum ``kth``. Per tile, after the dot: one row maximum of the tile's scores; only while
 some row's maximum beats its ``kth`` (strictly: the vocabulary streams in index order, so an equal
 later score loses the tie) does the program extract each row's best remaining entry (ties: the
@@ -18,8 +19,8 @@ smaller index), let it replace that row's worst entry (of equal scores, the larg
 update ``kth``. The first tile takes ``K_PAD`` such steps; later ones typically one or none for the
 whole program, instead of a bitonic top-k of every tile (~115k compare-and-swaps of 64-bit keys per
 64 x 128 tile, far more work than the tile's dot). At the end each list is sorted once
-(a bitonic sort, ``_topk_rows``, of uint64 keys: the order-preserving integer image of the float32
-score high, ``2**31 - 1 - index`` low, so keys order like ``(score, -index)``). ``K_PAD`` is ``k``
+(a bitonic sort, ``_topk_rows``, of uint64 keys: the score key high, ``2**31 - 1 - index`` low, so keys
+order like ``(score, -index)``). ``K_PAD`` is ``k``
 rounded up to a power of two; the extra columns are cut at the end. (The bitonic network is
 ``triton.language.standard``'s, with one change that keeps the interpreter fast; see
 ``_bitonic_pass``.)
@@ -69,21 +70,26 @@ AUTOTUNE_MIN_SCORES = 1 << 24  # smaller calls (rows x q) run the first fitting 
 
 
 @triton.jit
-def _score_key(s, idx):
-    """uint64 keys ordered like ``(s, -idx)``: order-preserving float32 bits high, index low."""
-    bits = s.to(tl.uint32, bitcast=True)
-    sign = tl.full(bits.shape, 0x80000000, tl.uint32)
-    flip = tl.where((bits & sign) != 0, tl.full(bits.shape, 0xFFFFFFFF, tl.uint32), sign)
-    return ((bits ^ flip).to(tl.uint64) << 32) | (2147483647 - idx).to(tl.uint64)  # 2**31 - 1 - idx
+def _ordered(s):
+    """int32 keys that order like the float32 scores ``s``, with NaN above ``+inf``, as
+    ``torch.topk`` ranks it. Integer comparisons and maxima treat NaN alike on a GPU (whose float max
+    drops NaN) and in the interpreter (whose float max propagates it)."""
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ties with +0.0, as the floats compare
+    bits = tl.where(s != s, float("nan"), s).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _score_key(key, idx):
+    """uint64 keys ordered like ``(key, -idx)``: the ordered score key high, ``2**31 - 1 - idx`` low."""
+    return ((key ^ -2147483648).to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | (2147483647 - idx).to(tl.uint64)
 
 
 @triton.jit
 def _key_score(key):
-    """Inverse of ``_score_key``: ``(score float32, index int64)``."""
-    hi = (key >> 32).to(tl.uint32)
-    sign = tl.full(hi.shape, 0x80000000, tl.uint32)
-    flip = tl.where((hi & sign) == 0, tl.full(hi.shape, 0xFFFFFFFF, tl.uint32), sign)
-    score = (hi ^ flip).to(tl.float32, bitcast=True)
+    """Inverse of ``_score_key`` and ``_ordered``: ``(score float32, index int64)``."""
+    k = (key >> 32).to(tl.uint32).to(tl.int32, bitcast=True) ^ -2147483648
+    score = tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
     index = 2147483647 - (key & 0xFFFFFFFF).to(tl.int64)
     return score, index
 
@@ -156,9 +162,10 @@ def _stream_topk(
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + x_off[:, None] + offs_k[None, :]
     slot = tl.arange(0, K_PAD)
-    top_s = tl.full([BLOCK_M, K_PAD], float("-inf"), tl.float32)
+    lowest = -2139095041  # _ordered(-inf): below every score (masked entries)
+    top_s = tl.full([BLOCK_M, K_PAD], lowest, tl.int32)  # ordered keys of the scores (_ordered)
     top_i = tl.zeros([BLOCK_M, K_PAD], tl.int32) + Q + slot[None, :]  # empty slots: distinct, past the vocabulary
-    kth = tl.full([BLOCK_M], float("-inf"), tl.float32)  # each row's K_PAD-th best so far (min of top_s)
+    kth = tl.full([BLOCK_M], lowest, tl.int32)  # each row's K_PAD-th best so far (min of top_s)
     for n0 in range(0, Q, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Q
@@ -174,7 +181,7 @@ def _stream_topk(
                 v = tl.load(v_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             dots = tl.dot(x, tl.trans(v), dots, input_precision=DOT_PRECISION)
         inv_v = tl.load(INV_V + offs_n, mask=n_ok, other=0.0)
-        s = tl.where(row_ok[:, None] & n_ok[None, :], dots * inv_x[:, None] * inv_v[None, :], float("-inf"))
+        s = tl.where(row_ok[:, None] & n_ok[None, :], _ordered(dots * inv_x[:, None] * inv_v[None, :]), lowest)
         best = tl.max(s, axis=1)
         # merge only while some row has a score above its k-th best (after the first tiles: rarely, once)
         while tl.max((best > kth).to(tl.int32), axis=0) > 0:
@@ -185,7 +192,7 @@ def _stream_topk(
             top_s = tl.where(put, best[:, None], top_s)
             top_i = tl.where(put, j[:, None], top_i)
             kth = tl.min(top_s, axis=1)
-            s = tl.where(offs_n[None, :] == j[:, None], float("-inf"), s)
+            s = tl.where(offs_n[None, :] == j[:, None], lowest, s)
             best = tl.max(s, axis=1)
     top = _topk_rows(_score_key(top_s, top_i), K_PAD)  # sorted descending (ties: smaller index first)
     return _key_score(top)
