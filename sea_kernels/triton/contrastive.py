@@ -527,10 +527,9 @@ _FWD_TUNED = tuner(
     ],
     "x_ptr",
 )
-# The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py; float32, one
-# stage: with two, ptxas spills on sm_80 once D and the strides are specialized, and a register cap that
-# stops it makes the kernel on other D spill).
-FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=8, stages=2), dict(BN=64, BK=16, warps=4, stages=1))
+# The untuned configs on a GPU, for 16-bit and for float32 operands (compile gate: aot.py; float32 with 8
+# warps: with 4, ptxas spills on sm_80 (triton 3.8, two stages) or on sm_90 for unaligned D (triton 3.6, one).
+FWD_GPU_FIXED = (dict(BN=64, BK=16, warps=8, stages=2), dict(BN=64, BK=16, warps=8, stages=2))
 _FWD_FIXED = [config(dict(BN=32, BK=16) if _INTERPRET else c) for c in FWD_GPU_FIXED]
 
 _PROBS = _kernel(_probs_body, ["row0", "n_rows", "N", "TUNE_KEY"])
