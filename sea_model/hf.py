@@ -21,41 +21,51 @@ Plain loop (``L = L_gen + weight * L_align``)::
     loss = out.loss + sea.weight * sea.align().loss   # SEA of that forward
 
 With ``transformers.Trainer``: :class:`SEATrainer` (``SEATrainer(model=llava, sea=sea, args=...,
-...)``) adds SEA's loss with the right weight under gradient accumulation, optimizes the
-temperature without weight decay, logs ``L_gen``, ``L_align``, ``pairs`` and ``tau``, and saves
-and restores the temperature with every checkpoint (``sea.safetensors``).
+...)``, in :mod:`sea_model.hf_trainer`, importable from here) adds SEA's loss with the right weight
+under gradient accumulation, optimizes the temperature without weight decay, keeps it in step
+over DDP ranks, logs ``L_gen``, ``L_align``, ``pairs`` and ``tau``, and saves and restores the
+temperature with every checkpoint (``sea.safetensors``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-from .sea_head import SEAHead, weighted_sum
+from .sea_head import SEAHead
 from .vision import ClipBundle, HFJointHead
-from .vocab import build_vocabulary
+from .vocab import WordList, build_vocabulary, load_words
 
 SEA_WEIGHTS = "sea.safetensors"
+_ATTACHED = "_sea_attached"  # on the Llava model: a weakref to its LlavaSEA
 
 
 class LlavaSEA(nn.Module):
     """SEA's loss, temperature, vocabulary and joint-space head for one Llava model.
 
     Args:
-        llava: a ``LlavaForConditionalGeneration`` (its vision tower a Hugging Face CLIP or SigLIP).
+        llava: a ``LlavaForConditionalGeneration`` (its vision tower a Hugging Face CLIP or SigLIP),
+            or a ``PeftModel`` over one (before or after ``get_peft_model``, with or without
+            ``modules_to_save``: the hooks follow the projector that actually runs).
         clip: the ``CLIPModel`` / ``CLIPVisionModelWithProjection`` / ``SiglipModel`` of the same
-            checkpoint as the tower: its head is copied (small), its text tower embeds the words
-            once (then cached); the model itself is not kept.
+            checkpoint as the tower (image size, patch size and width are checked): its head is
+            copied (small), its text tower embeds the words once (then cached); the model itself is not kept.
         clip_tokenizer: the CLIP model's tokenizer (for the words).
-        tokenizer: Llava's tokenizer (the words' LLM token ids).
+        tokenizer: Llava's tokenizer (the words' LLM token ids): a word it maps to ``<unk>`` only is an
+            error; words it maps to nothing are dropped with a warning.
         words: a word-list file, a list of words, or None (wordfreq's ``vocab_size`` most frequent).
         weight: ``lambda`` in ``L_gen + lambda * L_align``.
         vocab_size, template, cache_dir, progress: as :func:`sea_model.vocab.build_vocabulary`.
-        **loss_options: ``top_n``, ``window``, ``negate``, ``dedup``, ``init_log_scale``,
-            ``max_scale``, ``backend`` of :class:`sea_kernels.SEAAlignmentLoss`.
+        **loss_options: ``top_n`` (at most the number of words), ``window``, ``negate``, ``dedup``,
+            ``init_log_scale``, ``max_scale``, ``backend`` of :class:`sea_kernels.SEAAlignmentLoss`.
+
+    One ``LlavaSEA`` per model: a second one on the same model is a ``ValueError`` until the first
+    one's :meth:`remove` is called.
     """
 
     def __init__(
@@ -74,29 +84,39 @@ class LlavaSEA(nn.Module):
         **loss_options,
     ):
         super().__init__()
+        llava = _llava_of(llava)
+        if getattr(llava, _ATTACHED, None) is not None:
+            raise ValueError(
+                "this Llava model already has a LlavaSEA attached: call .remove() on it before attaching another"
+            )
         self.weight = float(weight)
         self.enabled = True  # False: the hooks capture nothing and align() gives a zero loss
+        _check_clip(llava, clip)
         self.head = HFJointHead(clip)
         self.grid, skip_rows = _layout(llava, self.head)
         self.loss_fn = SEAHead(skip_rows=skip_rows, **loss_options)
+        words = _usable_words(load_words(_as_source(words), size=vocab_size).words, tokenizer)
+        if self.loss_fn.top_n > len(words):
+            raise ValueError(f"top_n={self.loss_fn.top_n} is more than the {len(words)} words of SEA's vocabulary")
         vocab = build_vocabulary(
             ClipBundle.from_hf(clip, clip_tokenizer),
             tokenizer,
             words,
-            size=vocab_size,
             template=template,
             cache_dir=cache_dir,
             progress=progress,
         )
+        _check_unknown(vocab.words, vocab.token_ids, tokenizer)
         embedding = llava.get_input_embeddings().weight
         self.loss_fn.set_vocabulary(vocab.features, vocab.token_ids, embedding, feature_dim=self.head.feature_dim)
         self.words = vocab.words
         self.llava = [llava]  # not a submodule: SEA's state is its temperature only
         self._captured: dict[str, torch.Tensor] = {}
-        self._hooks = [
-            llava.model.vision_tower.register_forward_hook(self._capture_tower),
-            llava.model.multi_modal_projector.register_forward_hook(self._capture_projector),
-        ]
+        self._forward: dict[str, bool] | None = None  # how the last Llava forward ran (see align)
+        self._hooked: dict[str, tuple[nn.Module, Any]] = {}
+        self._hooks = [llava.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        self._follow_modules()
+        setattr(llava, _ATTACHED, weakref.ref(self))
         self.to(embedding.device)
 
     @property
@@ -108,12 +128,42 @@ class LlavaSEA(nn.Module):
         return self.loss_fn.word_token_ids
 
     def remove(self) -> None:
-        """Detach the hooks (the Llava model is left as it was)."""
+        """Detach the hooks (the Llava model is left as it was; another LlavaSEA may then be attached)."""
         for h in self._hooks:
             h.remove()
-        self._hooks = []
+        for _, handle in self._hooked.values():
+            handle.remove()
+        self._hooks, self._hooked = [], {}
+        llava = self.llava[0]
+        ref = getattr(llava, _ATTACHED, None)
+        if ref is not None and ref() is self:
+            delattr(llava, _ATTACHED)
 
     # ----------------------------------------------------------------- hooks
+
+    def _follow_modules(self) -> None:
+        """Hook the tower and projector Llava runs now: PEFT's ``modules_to_save`` swaps the projector
+        for a wrapper after construction, so this runs before every Llava forward."""
+        inner = self.llava[0].model
+        for key, module, hook in (
+            ("last", inner.vision_tower, self._capture_tower),
+            ("visual", inner.multi_modal_projector, self._capture_projector),
+        ):
+            old = self._hooked.get(key)
+            if old is None or old[0] is not module:
+                if old is not None:
+                    old[1].remove()
+                self._hooked[key] = (module, module.register_forward_hook(hook))
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        if self.enabled:
+            self._follow_modules()
+            pixels = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+            self._forward = {
+                "training": self.llava[0].training,
+                "grad": torch.is_grad_enabled(),
+                "images": pixels is not None,
+            }
 
     def _capturing(self, module: nn.Module) -> bool:
         return self.enabled and self.llava[0].training and torch.is_grad_enabled()
@@ -131,9 +181,16 @@ class LlavaSEA(nn.Module):
     def align(self, *, generator: torch.Generator | None = None, group=None):
         """``SEAAlignmentOutput`` (``loss``, ``pairs``, ``scale``, ...) for the images of the last
         training forward; a zero loss connected to the temperature when it had no image. Call it
-        once per forward: the captured tensors are released."""
+        once per forward: the captured tensors are released.
+
+        Raises ``RuntimeError`` when that forward had images but SEA captured nothing: Llava in
+        eval mode (call ``llava.train()``), gradients disabled, or no Llava forward since the last call.
+        ``group``: a process group, to gather the negatives over its ranks."""
         last, visual = self._captured.pop("last", None), self._captured.pop("visual", None)
         self._captured.clear()
+        forward, self._forward = self._forward, None
+        if self.enabled and (last is None or visual is None):
+            _check_forward(forward)
         patches = None
         if last is not None and visual is not None:
             with torch.no_grad():
@@ -165,6 +222,87 @@ class LlavaSEA(nn.Module):
         return True
 
 
+def _check_forward(forward: dict[str, bool] | None) -> None:
+    """Why a training step's SEA would be empty: raise unless the last forward simply had no image."""
+    if forward is None:
+        raise RuntimeError("LlavaSEA.align(): no Llava forward since the last align() (one align() per forward)")
+    if not forward["images"]:
+        return  # a text-only batch: a zero loss
+    if not forward["training"]:
+        raise RuntimeError(
+            "LlavaSEA.align(): the last Llava forward ran in eval mode and SEA captured nothing: "
+            "call llava.train() before training forwards"
+        )
+    if not forward["grad"]:
+        raise RuntimeError(
+            "LlavaSEA.align(): the last Llava forward ran without gradients (torch.no_grad) and SEA captured nothing"
+        )
+    raise RuntimeError("LlavaSEA.align(): the last Llava forward had images but SEA captured no visual tokens")
+
+
+def _llava_of(model: nn.Module) -> nn.Module:
+    """The ``LlavaForConditionalGeneration`` inside ``model`` (itself, or a PeftModel's base model)."""
+    if hasattr(model, "get_base_model"):  # a PeftModel
+        model = model.get_base_model()
+    inner = getattr(model, "model", None)
+    if not (hasattr(inner, "vision_tower") and hasattr(inner, "multi_modal_projector")):
+        raise ValueError(
+            f"LlavaSEA needs a LlavaForConditionalGeneration (or a PeftModel over one); got {type(model).__name__}"
+        )
+    return model
+
+
+def _check_clip(llava: nn.Module, clip: nn.Module) -> None:
+    """The CLIP model must be the tower's checkpoint: same image size, patch size and width."""
+    tower = llava.config.vision_config
+    given = getattr(clip.config, "vision_config", clip.config)
+    for field in ("image_size", "patch_size", "hidden_size"):
+        a, b = getattr(given, field, None), getattr(tower, field, None)
+        if a != b:
+            raise ValueError(
+                f"clip: its vision {field} is {a}, Llava's vision tower's is {b}: "
+                "give the CLIP model of the tower's own checkpoint"
+            )
+
+
+def _as_source(words):
+    return words if words is None or isinstance(words, (str, os.PathLike, WordList)) else list(words)
+
+
+def _usable_words(words: list[str], tokenizer) -> list[str]:
+    """``words`` without those the LLM tokenizer maps to no token (a warning counts them); an empty list is an error."""
+    if not words:
+        raise ValueError("words: the word list is empty; SEA needs at least top_n words")
+    ids = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    kept = [w for w, i in zip(words, ids) if i and i != space]
+    if len(kept) < len(words):
+        keep = set(kept)
+        dropped = [w for w in words if w not in keep]
+        warnings.warn(
+            f"words: {len(dropped)} of {len(words)} words give no LLM token and are dropped (e.g. {dropped[:3]})",
+            stacklevel=3,
+        )
+    if not kept:
+        raise ValueError("words: none of the words gives an LLM token")
+    return kept
+
+
+def _check_unknown(words: list[str], token_ids: torch.Tensor, tokenizer) -> None:
+    """No word may be only ``<unk>`` to the LLM tokenizer (a tokenizer that is not Llava's, or lacks the words)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    valid = token_ids >= 0
+    only_unk = ((token_ids == unk) | ~valid).all(dim=1) & valid.any(dim=1)
+    if bool(only_unk.any()):
+        bad = [w for w, b in zip(words, only_unk.tolist()) if b]
+        raise ValueError(
+            f"words: {len(bad)} of {len(words)} words are only <unk> to Llava's tokenizer (e.g. {bad[:3]}): "
+            "give Llava's own tokenizer, or drop those words"
+        )
+
+
 def _layout(llava: nn.Module, head: HFJointHead) -> tuple[tuple[int, int], int]:
     """``(patch grid, projector rows before the first patch)`` from Llava's config."""
     cfg = llava.config
@@ -180,103 +318,10 @@ def _layout(llava: nn.Module, head: HFJointHead) -> tuple[tuple[int, int], int]:
     return (side, side), skip_rows
 
 
-def _accumulate(sums: dict, loss: torch.Tensor, align, scaled: bool, steps: int) -> None:
-    """Add one micro-batch's L_gen, L_align and pairs, as shares of the optimizer step, to ``sums``
-    (tensors on the device, read at log time)."""
-    for key, value in (
-        ("L_gen", loss.detach() * (1.0 if scaled else 1.0 / steps)),
-        ("L_align", align.loss.detach() / steps),
-        ("pairs", align.pair_count.float() / steps),
-    ):
-        sums[key] = sums.get(key, 0.0) + value
-
-
-# What SEATrainer adds to transformers.Trainer. The class itself is made on first access (module
-# __getattr__), so that importing this module stays cheap (Trainer pulls in accelerate).
-class _SEATrainerMethods:
-    """``transformers.Trainer`` with SEA: ``SEATrainer(model=llava, sea=LlavaSEA(...), args=..., ...)``.
-
-    * Loss: ``L_gen + weight * L_align`` per micro-batch, SEA's term divided by the
-      accumulation steps whenever Trainer does not (Llava's forward takes ``**kwargs``, so
-      Trainer normalizes ``L_gen`` by the step's token count instead), so SEA weighs the same
-      with any accumulation. The two terms are logged as ``L_gen`` and ``L_align`` (means per
-      optimizer step), with ``pairs`` (per micro-batch) and ``tau``.
-    * The temperature is an extra optimizer group without weight decay (Trainer's own
-      optimizer only; with ``optimizers=(...)`` add ``sea.parameters()`` yourself), is not
-      gradient-clipped, and is saved as ``sea.safetensors`` in every checkpoint and
-      ``save_model`` folder and read back by ``resume_from_checkpoint``.
-    * Evaluation runs without SEA.
-    """
-
-    def __init__(self, *args, sea: LlavaSEA, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sea = sea.to(next(self.model.parameters()).device)
-        self._sea_sums: dict[str, Any] = {}
-        self._sea_logged_step = 0
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        params = [p for p in self.sea.parameters() if p.requires_grad]
-        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        if params and not any(id(p) in known for p in params):
-            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
-        return optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and torch.is_grad_enabled():
-            loss = self._add_sea(loss, num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
-
-    def _add_sea(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        steps = self.current_gradient_accumulation_steps
-        scaled = self.loss_is_scaled_for_ga
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        align = self.sea.align()
-        # Trainer divides the returned loss by `steps` unless it is already scaled for accumulation.
-        per_step = 1.0 / steps if scaled else 1.0
-        _accumulate(self._sea_sums, loss, align, scaled, steps)
-        return weighted_sum(loss, align.loss, self.sea.weight * per_step)
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        steps = self.state.global_step - self._sea_logged_step
-        if "loss" in logs and self._sea_sums and steps > 0:
-            for key, value in self._sea_sums.items():
-                logs[key] = round(float(value) / steps, 6)
-            logs["tau"] = self.sea.temperature
-            self._sea_sums, self._sea_logged_step = {}, self.state.global_step
-        super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir=None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            self.sea.save(output_dir if output_dir is not None else self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.sea.load(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        if self.state.best_model_checkpoint:
-            self.sea.load(self.state.best_model_checkpoint)
-
-
-def _trainer_class() -> type:
-    """``SEATrainer``: :class:`_SEATrainerMethods` over ``transformers.Trainer``."""
-    from transformers import Trainer
-
-    cls = type("SEATrainer", (_SEATrainerMethods, Trainer), {"__doc__": _SEATrainerMethods.__doc__})
-    cls.__module__, cls.__qualname__ = __name__, "SEATrainer"
-    return cls
-
-
 def __getattr__(name: str):
     if name == "SEATrainer":
-        cls = _trainer_class()
-        globals()["SEATrainer"] = cls
-        return cls
+        from .hf_trainer import SEATrainer
+
+        globals()["SEATrainer"] = SEATrainer
+        return SEATrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

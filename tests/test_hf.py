@@ -67,13 +67,27 @@ def test_eval_and_generate_skip_sea(tok):
     batch = shipped.collate_padded(shipped.llava_caption_samples(tok, llava, WORDS, 2))
     llava.eval()
     llava(**batch)
-    assert sea.align().pairs == 0
+    assert not sea._captured  # nothing computed for SEA; align() after it says why (llava.train())
+    with pytest.raises(RuntimeError, match=r"eval mode.*llava\.train\(\)"):
+        sea.align()
     llava.train()
     with torch.no_grad():
         llava(**batch)
-    assert sea.align().pairs == 0
+    assert not sea._captured
+    with pytest.raises(RuntimeError, match="without gradients"):
+        sea.align()
     llava(**batch)
     assert sea.align().pairs > 0
+    with pytest.raises(RuntimeError, match="no Llava forward since the last align"):
+        sea.align()
+    # A text-only training batch: a zero loss connected to the temperature, no error.
+    text_only = {k: v for k, v in batch.items() if k != "pixel_values"}
+    text_only["input_ids"] = text_only["input_ids"].masked_fill(
+        text_only["input_ids"] == llava.config.image_token_id, 5
+    )
+    llava(**text_only)
+    out = sea.align()
+    assert out.pairs == 0 and out.loss.item() == 0.0 and out.loss.requires_grad
 
 
 def test_siglip_default_strategy_is_refused(tok):
@@ -82,29 +96,6 @@ def test_siglip_default_strategy_is_refused(tok):
 
 
 # --------------------------------------------------------------------------- Trainer
-
-
-def trainer_args(out, **kw):
-    pytest.importorskip("accelerate")  # transformers.Trainer needs it (the `model` extra installs it)
-    from transformers import TrainingArguments
-
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        learning_rate=1e-2,
-        max_grad_norm=0.0,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    return TrainingArguments(**{**base, **kw})
 
 
 def make_trainer(llava, sea, samples, args, *callbacks):
@@ -164,7 +155,7 @@ def test_trainer_weights_sea_right_under_gradient_accumulation(tok, tmp_path, mi
         llava, _, sea = build(tok, window=1, top_n=1, dedup=False, weight=weight)
         samples = shipped.llava_caption_samples(tok, llava, WORDS, 4)
         cb = GradsAtFirstStep(llava, sea)
-        args = trainer_args(
+        args = tiny.trainer_args(
             tmp_path / f"w{weight}",
             per_device_train_batch_size=micro_batch,
             gradient_accumulation_steps=accumulation,
@@ -190,7 +181,7 @@ def test_sea_off_1x4_equals_4x1(tok, tmp_path):
         llava, _, sea = build(tok, weight=0.0)
         samples = shipped.llava_caption_samples(tok, llava, WORDS, 4)
         cb = GradsAtFirstStep(llava, sea)
-        args = trainer_args(
+        args = tiny.trainer_args(
             tmp_path / str(micro_batch),
             per_device_train_batch_size=micro_batch,
             gradient_accumulation_steps=accumulation,
@@ -205,7 +196,7 @@ def test_temperature_optimized_without_decay_saved_and_resumed(tok, tmp_path):
 
     llava, _, sea = build(tok)
     samples = shipped.llava_caption_samples(tok, llava, WORDS, 8)
-    args = trainer_args(
+    args = tiny.trainer_args(
         tmp_path, max_steps=3, save_strategy="steps", save_steps=2, weight_decay=0.5, learning_rate=0.05
     )
     seen = {}

@@ -207,3 +207,49 @@ def finetune_entries(images: list[str], *, seed: int = 0) -> list[dict]:
         out.append({"id": f"ft{i}", "image": name, "conversations": conv})
     out.append({"id": "text-only", "conversations": turn()})
     return out
+
+
+def trainer_args(out, **kw):
+    """``transformers.TrainingArguments`` of the tests' tiny CPU Trainer runs (one step, no saving, no
+    logging services), with ``kw`` overriding."""
+    import pytest
+
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it (the `model` extra installs it)
+    from transformers import TrainingArguments
+
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return TrainingArguments(**{**base, **kw})
+
+
+def llava_sea(words, **sea_options):
+    """A tiny random HF Llava (only its projector trains, in train mode) with SEA attached by ``LlavaSEA``:
+    ``(tokenizer, llava, sea)``. Labels without random draws (one label per patch, no dedup) unless
+    ``sea_options`` say otherwise."""
+    import torch
+
+    from sea_model import tiny_models
+    from sea_model.hf import LlavaSEA
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    clip = tiny_models.tiny_hf_clip("clip")
+    llava = tiny_models.tiny_hf_llava(clip, tok)
+    llava.requires_grad_(False)
+    llava.model.multi_modal_projector.requires_grad_(True)
+    options = dict(backend="reference", cache_dir=False, progress=False, window=1, top_n=1, dedup=False)
+    return tok, llava.train(), LlavaSEA(llava, clip, tok, tok, words, **{**options, **sea_options})
