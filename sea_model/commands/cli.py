@@ -68,7 +68,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_llava_hf
 
-    out = export_llava_hf(args.checkpoint, args.out)  # errors: one line through run_command
+    out = export_llava_hf(args.checkpoint, args.out, overwrite=args.overwrite)  # errors: one line through run_command
     print(f"wrote a LlavaForConditionalGeneration folder: {out}")
     return 0
 
@@ -77,7 +77,8 @@ def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="convert a checkpoint for other tools (llava-hf: a Hugging Face Llava folder)")
     p.add_argument("--format", choices=["llava-hf"], required=True)
     p.add_argument("checkpoint", help="a checkpoint or output directory (its latest checkpoint)")
-    p.add_argument("out", help="the folder to write")
+    p.add_argument("out", help="the folder to write (new or empty; never a checkpoint or a run's folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
     p.set_defaults(func=_export)
 
 
@@ -125,6 +126,7 @@ def _logging() -> None:
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from ..training.loop import train
     from ..training.run_config import load_run_config, parse_overrides
+    from ..training.run_dir import resume_out_dir
 
     shortcuts = {
         "stage": "train.stage",
@@ -134,6 +136,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     }
     overrides = parse_overrides(extra)
     overrides += [(key, str(getattr(args, name))) for name, key in shortcuts.items() if getattr(args, name) is not None]
+    given = dict(overrides)  # --resume PATH continues in the folder that holds PATH (issue 24)
+    holder = resume_out_dir(given.get("train.resume"), given.get("train.out_dir"))
+    overrides += [("train.out_dir", holder)] if holder else []
     if args.fsdp:
         overrides.append(("train.fsdp", "true"))
     if args.overwrite:

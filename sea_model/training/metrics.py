@@ -1,19 +1,29 @@
 """Training metrics: ``metrics.jsonl`` (one strict JSON object per optimizer step: NaN or infinite
 values are written as ``null`` and named under ``"nonfinite"``), TensorBoard when installed, the
-progress bar's figures, and the loss plot ``loss.png``."""
+progress bar's figures, and the loss plot ``loss.png``.
+
+A torn last line of ``metrics.jsonl`` (a run stopped while writing it) is set aside in
+``metrics.jsonl.torn`` when a run resumes; any other line that is not a metrics row is an error naming
+the file and the line. A failed write (a full disk) is a :class:`~sea_model.errors.WriteError`
+naming the file, the space needed and free; no partial line or plot is left."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
 import os
 from pathlib import Path
 
+from ..errors import writing
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TORN_SUFFIX = ".torn"
 
 
 def strict(row: dict) -> dict:
@@ -25,20 +35,62 @@ def strict(row: dict) -> dict:
     return {**{k: None if k in bad else v for k, v in row.items()}, "nonfinite": bad}
 
 
+def read_rows(path: Path) -> tuple[list[tuple[str, dict]], tuple[int, str] | None]:
+    """``(rows as (line, row), torn)`` of a ``metrics.jsonl``: ``torn`` is ``(line number, text)`` of
+    a last line that is not valid JSON (a run stopped while writing it), else None. Any other line
+    that is not a JSON object with a ``step`` is a ``ValueError`` naming the file and the line."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_bytes().decode(errors="replace").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
+    rows, torn = [], None
+    for k, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if k == len(lines) - 1:
+                torn = (n, line)
+                break
+            raise ValueError(
+                f"{path} line {n}: not valid JSON ({err}); repair or delete that line, then run again"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path} line {n}: not a metrics row (no integer 'step'); repair or delete that line")
+        rows.append((line, row))
+    return rows, torn
+
+
+def _set_aside(path: Path, torn: tuple[int, str]) -> Path:
+    aside = path.with_name(path.name + TORN_SUFFIX)
+    text = torn[1] + "\n"
+    with writing(aside, need=len(text.encode())):
+        with open(aside, "a") as f:
+            f.write(text)
+    log.warning(
+        "%s line %d is torn (not valid JSON: a run stopped while writing it); set aside in %s, resuming",
+        path,
+        torn[0],
+        aside,
+    )
+    return aside
+
+
 class MetricsLog:
-    """``metrics.jsonl`` (rewritten up to ``start_step`` on resume) and TensorBoard when installed."""
+    """``metrics.jsonl`` (rewritten up to ``start_step`` on resume; a torn last line set aside) and
+    TensorBoard when installed."""
 
     def __init__(self, out_dir: Path, start_step: int, tensorboard: bool):
         self.path = out_dir / METRICS_FILE
         kept = []
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= start_step:
-                    kept.append(line)
+            rows, torn = read_rows(self.path)
+            if torn is not None:
+                _set_aside(self.path, torn)
+            kept = [line for line, row in rows if row["step"] <= start_step]
+        text = "".join(line + "\n" for line in kept)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+        with writing(self.path, need=len(text.encode()), partial=tmp):
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+            self.file = open(self.path, "ab", buffering=0)  # unbuffered: a failed write is undone at once
         self.writer = None
         if tensorboard:
             try:
@@ -49,8 +101,17 @@ class MetricsLog:
                 log.info("tensorboard is not installed; metrics go to %s only", self.path)
 
     def write(self, m: dict) -> None:
-        self.file.write(json.dumps(strict(m), allow_nan=False) + "\n")
-        self.file.flush()
+        data = (json.dumps(strict(m), allow_nan=False) + "\n").encode()
+        with writing(self.path, need=len(data)):
+            start = self.file.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[self.file.write(view) :]
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.file.truncate(start)  # no torn line
+                raise
         if self.writer is not None:
             for k, v in m.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -106,7 +167,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     except ImportError:
         log.warning("matplotlib is not installed; no loss plot")
         return None
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_rows(Path(metrics_path))[0]]
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "loss"), ("loss_gen", "L_gen"), ("loss_align", "L_align")):
@@ -124,8 +185,11 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     ax.legend(loc="upper right")
     ax.set_title(f"{Path(metrics_path).parent.name}")
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
+    tmp = png_path.with_suffix(".tmp.png")
+    with writing(png_path, need=len(image.getvalue()), partial=tmp):
+        tmp.write_bytes(image.getvalue())
+        os.replace(tmp, png_path)
     return png_path

@@ -9,11 +9,12 @@
   the newer checkpoints move to ``<out_dir>/abandoned-<time>/`` with their metrics rows, so that
   ``--resume latest`` continues the branch that was chosen (the trainer drops the rows after the
   branch point from ``metrics.jsonl``).
+* :func:`resume_out_dir`: ``--resume PATH`` continues in the folder that holds PATH, whatever folder
+  the checkpoint recorded (it may have been copied or moved); ``--out`` naming another is refused.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,8 +22,9 @@ import socket
 import time
 from pathlib import Path
 
+from ..errors import writing
 from . import checkpoint as ckpt
-from .metrics import METRICS_FILE, PLOT_FILE
+from .metrics import METRICS_FILE, PLOT_FILE, read_rows
 from .run_config import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,24 @@ def claim(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
             path.unlink()
 
 
+def resume_out_dir(resume: str | None, out: str | None) -> str | None:
+    """The output folder of ``--resume PATH``: the folder that holds the checkpoint PATH (or PATH, an
+    output folder), not the one recorded in it; None for ``latest`` or no resume. ``out`` (``--out``)
+    naming another folder is a ``ValueError`` naming both."""
+    if not resume or resume == "latest":
+        return None
+    try:
+        holder = ckpt.resolve(resume).parent
+    except ckpt.CheckpointError:
+        return None  # the run names the problem
+    if out is not None and Path(out).resolve() != holder.resolve():
+        raise ValueError(
+            f"--resume {resume} is in {holder}, but --out is {out}: a run continues in the folder that holds its "
+            f"checkpoints. Leave out --out, or copy the checkpoint into {out} and resume from there"
+        )
+    return str(holder)
+
+
 def branch_from(out_dir: Path, resume: Path, step: int) -> Path | None:
     """Move the checkpoints of ``out_dir`` newer than ``resume`` (at ``step``), and their metrics
     rows, to ``abandoned-<time>/``; returns that folder, or None when there were none."""
@@ -100,8 +120,10 @@ def branch_from(out_dir: Path, resume: Path, step: int) -> Path | None:
         os.replace(c, aside / c.name)
     metrics = out_dir / METRICS_FILE
     if metrics.is_file():
-        rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] > step]
-        (aside / METRICS_FILE).write_text("".join(line + "\n" for line in rows))
+        rows = [line for line, row in read_rows(metrics)[0] if row["step"] > step]  # a torn line: set aside later
+        text = "".join(line + "\n" for line in rows)
+        with writing(aside / METRICS_FILE, need=len(text.encode())):
+            (aside / METRICS_FILE).write_text(text)
     log.warning(
         "resuming from %s, older than %s: this is a branch point; the %d newer checkpoint(s) and their metrics moved "
         "to %s, so --resume latest continues from here",

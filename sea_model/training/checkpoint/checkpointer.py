@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import free_space, is_write_failure, mib, write_reason, writing
 from .format import (
     CONFIG,
     FORMAT,
@@ -45,9 +46,12 @@ log = logging.getLogger(__name__)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file; a failed write (a full disk) removes it and
+    is a :class:`~sea_model.errors.WriteError` naming ``dst``, the space needed and free."""
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with writing(dst, need=lambda: Path(src).stat().st_size, partial=tmp):
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 def _rng_state(sea_generator: torch.Generator) -> dict:
@@ -95,10 +99,6 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def _gather_weights(model, names: list[str], main: bool) -> dict[str, torch.Tensor]:
@@ -180,19 +180,23 @@ class Checkpointer:
         if error is not None:
             if self.main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise self._write_error(error, name, weights, optim)
+            raise self._write_error(error, name, weights, optim) from error
         self.last = final
         return final
 
     @staticmethod
-    def _attempt(write) -> OSError | None:
+    def _attempt(write) -> Exception | None:
+        """Run ``write``; any failure to write (an OSError, safetensors' SafetensorError, torch.save's
+        RuntimeError: what a full disk raises) is returned, not raised."""
         try:
             write()
-        except OSError as err:
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
             return err
         return None
 
-    def _agree(self, error: OSError | None) -> OSError | None:
+    def _agree(self, error: Exception | None) -> Exception | None:
         """Every rank's outcome of a write (collective when ``world > 1``): an error if any failed."""
         if self.world == 1:
             return error
@@ -231,17 +235,16 @@ class Checkpointer:
             self._write_main_files(tmp, step, names, weights, optim)
         torch.save(_rng_state(self.generator), tmp / rng_file(self.rank))
 
-    def _write_error(self, err: OSError, name: str, weights: dict, optim: dict) -> CheckpointError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = sum(t.numel() * t.element_size() for t in _tensors([weights, optim]))
-            free = shutil.disk_usage(self.out_dir).free
-            return CheckpointError(
-                f"cannot write {name} in {self.out_dir}: no space left on the device (a checkpoint needs about "
-                f"{_mb(need)}, {_mb(free)} free; the partial checkpoint was removed). Free space or lower "
-                f"train.keep_last, then --resume latest"
-            )
-        reason = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
-        return CheckpointError(f"cannot write {name} in {self.out_dir}: {reason} (the partial checkpoint was removed)")
+    def _write_error(self, err: Exception, name: str, weights: dict, optim: dict) -> CheckpointError:
+        need = sum(t.numel() * t.element_size() for t in _tensors([weights, optim]))
+        free = free_space(self.out_dir)
+        reason = write_reason(err, need, free)
+        advice = "Free space or lower train.keep_last" if reason.startswith("no space") else "Fix this"
+        return CheckpointError(
+            f"cannot write {name} in {self.out_dir}: {reason} (a checkpoint needs about {mib(need)}, "
+            f"{mib(free) if free is not None else 'unknown'} free; the partial checkpoint was removed). {advice}, "
+            f"then --resume latest"
+        )
 
     def _write_main_files(self, tmp: Path, step: int, names: list[str], weights: dict, optim: dict) -> None:
         from safetensors.torch import save_file
