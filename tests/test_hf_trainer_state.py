@@ -56,25 +56,19 @@ def test_forty_steps_equal_a_loop_with_zeroed_gradients(tmp_path):
 
 
 def test_first_log_after_resume_averages_the_steps_since_the_resume(tmp_path):
-    from transformers import TrainerCallback
+    """Also the documented resume recipe: transformers 5.25's ``resume_from_checkpoint`` saves Llava's
+    weights under legacy key names that it does not map back (it warns "missing keys"); the weights are
+    loaded with ``from_pretrained(checkpoint)``, which maps them; the optimizer state, data position and
+    SEA's temperature come from the checkpoint."""
+    from transformers import LlavaForConditionalGeneration
 
     llava, sea, samples = build()
     kw = dict(max_steps=6, logging_steps=2, save_strategy="steps", save_steps=4)
     first = trainer(llava, sea, samples, tmp_path, **kw)
-    at_4 = {}
-
-    class Snapshot(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                at_4.update({k: v.clone() for k, v in llava.state_dict().items()})
-
-    first.add_callback(Snapshot())
     first.train()
     want = [h for h in first.state.log_history if "L_align" in h and h["step"] == 6][0]
-    # transformers 5.25 saves Llava's weights under legacy key names that its resume does not map
-    # back (it warns "missing keys"), so put the step-4 weights back by hand; the optimizer state,
-    # data position and SEA's temperature come from the checkpoint.
-    llava.load_state_dict(at_4)
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "checkpoint-4")
+    llava.load_state_dict(saved.state_dict())
     resumed = trainer(llava, sea, samples, tmp_path, **kw)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     got = [h for h in resumed.state.log_history if "L_align" in h and h["step"] == 6][0]
