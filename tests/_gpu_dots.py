@@ -114,6 +114,19 @@ def _patched(dot_for):
         builder.create_dot, builder.cast_impl = dot, cast
 
 
+@contextlib.contextmanager
+def or_skip(emulation):
+    """Run a test inside ``emulation`` (:func:`bfloat16_dots`, :func:`tensor_core_dots`); the test is skipped,
+    not failed, when the interpreter's internals moved (:class:`EmulationUnavailable`)."""
+    import pytest
+
+    try:
+        with emulation:
+            yield
+    except EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
 def bfloat16_dots():
     """Within the block, interpreted kernels compute bfloat16 dots (IEEE float32 accumulation) and casts
     as an IEEE machine does (see the module)."""

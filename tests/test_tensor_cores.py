@@ -31,11 +31,8 @@ needs_triton = pytest.mark.skipif(
 @pytest.fixture
 def tensor_cores():
     """On CPU, the interpreter computes 16-bit dots as Hopper's tensor cores do; skips if its internals moved."""
-    try:
-        with gpu_dots.tensor_core_dots():
-            yield
-    except gpu_dots.EmulationUnavailable as e:
-        pytest.skip(str(e))
+    with gpu_dots.or_skip(gpu_dots.tensor_core_dots()):
+        yield
 
 
 @pytest.fixture

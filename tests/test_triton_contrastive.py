@@ -94,11 +94,8 @@ def test_dscale_finite_at_scale_zero():
 def bfloat16_dots():
     """On CPU, the interpreter computes bfloat16 dots and casts as the GPU does (``tests/_gpu_dots.py``);
     skips if its internals moved."""
-    try:
-        with gpu_dots.bfloat16_dots():
-            yield
-    except gpu_dots.EmulationUnavailable as e:
-        pytest.skip(str(e))
+    with gpu_dots.or_skip(gpu_dots.bfloat16_dots()):
+        yield
 
 
 @pytest.fixture

@@ -98,11 +98,8 @@ def test_contrastive_tuned_in_chunks(forced, monkeypatch, arch, dtype):
     monkeypatch.setattr(tc, "BWD_MIN_ROWS", 32)
     monkeypatch.setattr(tc, "_MAX_BM", 32)
     x, t = pairs(70, 40, dtype, seed=arch, align=1.0)
-    try:
-        with gpu_dots.bfloat16_dots():
-            check_contrastive(x, t, 14.3, "triton", grad_out=3.0)
-    except gpu_dots.EmulationUnavailable as e:
-        pytest.skip(str(e))
+    with gpu_dots.or_skip(gpu_dots.bfloat16_dots()):
+        check_contrastive(x, t, 14.3, "triton", grad_out=3.0)
     for tuner in (tc._FWD_TUNED, tc._PROBS_TUNED):
         assert_tuned(tuner, dtype, arch)
     assert_tuned(tc._GEMM_TUNED, torch.float32 if dtype == torch.float32 else torch.float16, arch)
