@@ -102,6 +102,16 @@ def remove(path: str | os.PathLike | None) -> None:
             p.unlink()
 
 
+def atomic_write(dest: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``dest`` through a temporary file renamed into place: a reader never sees a
+    partial file, and a failed write is a :class:`WriteError` (see :func:`writing`) that leaves none."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with writing(dest, need=len(data), partial=tmp):
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+
 @contextlib.contextmanager
 def writing(
     dest: str | os.PathLike, *, need: int | Callable[[], int] | None = None, partial: str | os.PathLike | None = None

@@ -61,7 +61,7 @@ def for_arch(cfg: triton.Config, arch: int) -> bool:
 
 
 def arch_of(t: torch.Tensor) -> int:
-    """Compute capability of the GPU holding ``t`` (``major * 10 + minor``); 0 off CUDA."""
+    """Compute capability of the GPU holding ``t`` (``major * 10 + minor``); ``EMULATED_ARCH`` off CUDA."""
     if t.device.type != "cuda":
         return EMULATED_ARCH
     major, minor = torch.cuda.get_device_capability(t.device)

@@ -14,10 +14,9 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
-from ..errors import writing
+from ..errors import atomic_write, writing
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +84,8 @@ class MetricsLog:
             if torn is not None:
                 _set_aside(self.path, torn)
             kept = [line for line, row in rows if row["step"] <= start_step]
-        text = "".join(line + "\n" for line in kept)
-        tmp = self.path.with_suffix(".tmp")
-        with writing(self.path, need=len(text.encode()), partial=tmp):
-            tmp.write_text(text)
-            os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept).encode())
+        with writing(self.path):
             self.file = open(self.path, "ab", buffering=0)  # unbuffered: a failed write is undone at once
         self.writer = None
         if tensorboard:
@@ -188,8 +184,5 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    tmp = png_path.with_suffix(".tmp.png")
-    with writing(png_path, need=len(image.getvalue()), partial=tmp):
-        tmp.write_bytes(image.getvalue())
-        os.replace(tmp, png_path)
+    atomic_write(png_path, image.getvalue())
     return png_path
